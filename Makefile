@@ -1,0 +1,16 @@
+# The two commands a fresh machine needs (see README.md):
+#   make quickstart   set up .venv, then train and evaluate DenseCLIP on the generated dataset (CPU)
+#   make test         set up .venv, then run the test suite
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+
+.PHONY: setup quickstart test
+
+setup:
+	@VENV="$(VENV)" bash scripts/setup_env.sh
+
+quickstart: setup
+	$(PYTHON) tools/quickstart.py
+
+test: setup
+	$(PYTHON) -m pytest

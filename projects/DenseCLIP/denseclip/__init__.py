@@ -1,0 +1,4 @@
+"""DenseCLIP (CVPR 2022) for object detection and instance segmentation on Detectron2."""
+from . import modeling  # noqa: F401  (registers backbones and meta-architectures)
+from .checkpoint import DenseCLIPCheckpointer
+from .config import add_denseclip_config

@@ -1,0 +1,2 @@
+from .clip_weights import as_clip_state_dict, describe_clip_architecture, load_clip_weights, read_weights_file
+from .detection_checkpoint import DenseCLIPCheckpointer

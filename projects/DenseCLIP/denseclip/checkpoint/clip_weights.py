@@ -1,0 +1,219 @@
+"""
+Reading CLIP checkpoints (OpenAI TorchScript archives, open_clip state dicts) and mapping them into
+a Detectron2 model that contains a CLIPResNet and, for DenseCLIP, a ContextTextEncoder.
+"""
+import logging
+import os
+import zipfile
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..modeling.backbone.clip_resnet import CLIPResNet, resize_positional_grid
+from ..modeling.text_encoder import ContextTextEncoder
+
+__all__ = [
+    "read_weights_file",
+    "as_clip_state_dict",
+    "describe_clip_architecture",
+    "load_clip_weights",
+    "ClipLoadReport",
+]
+
+logger = logging.getLogger(__name__)
+
+_TEXT_PREFIXES = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection")
+_IGNORED_CLIP_KEYS = ("logit_scale", "logit_bias", "input_resolution", "context_length", "vocab_size")
+
+
+def is_torchscript_archive(path: str) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
+
+
+def read_weights_file(path: str) -> dict:
+    """
+    Read a TorchScript archive (its state dict), a safetensors file, or a torch-saved object, on CPU.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Weights file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    if is_torchscript_archive(path):
+        return torch.jit.load(path, map_location="cpu").state_dict()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def as_clip_state_dict(obj) -> Optional[Dict[str, torch.Tensor]]:
+    """
+    The CLIP state dict held by ``obj`` (plain, or open_clip's training checkpoint with
+    ``state_dict`` and ``module.`` prefixes), in float32; None when ``obj`` is not a CLIP checkpoint.
+    """
+    if not isinstance(obj, dict):
+        return None
+    if isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    state = {}
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            return None
+        key = key[len("module."):] if key.startswith("module.") else key
+        state[key] = value
+    if "visual.conv1.weight" not in state or not torch.is_tensor(state["visual.conv1.weight"]):
+        return None
+    return {
+        key: value.float() if value.is_floating_point() else value
+        for key, value in state.items()
+        if torch.is_tensor(value) and key not in _IGNORED_CLIP_KEYS
+    }
+
+
+def describe_clip_architecture(state: Dict[str, torch.Tensor]) -> str:
+    """A short description of the image-encoder architecture a CLIP state dict holds."""
+    layers = [
+        len({k.split(".")[2] for k in state if k.startswith(f"visual.layer{i}.")}) for i in range(1, 5)
+    ]
+    if "visual.attnpool.c_proj.weight" in state:
+        embed = state["visual.attnpool.c_proj.weight"].shape[0]
+    elif "text_projection" in state:
+        embed = state["text_projection"].shape[1]
+    else:
+        embed = "?"
+    width = state["visual.conv1.weight"].shape[0] * 2
+    names = {((3, 4, 6, 3), 64, 1024): "RN50", ((3, 4, 23, 3), 64, 512): "RN101"}
+    name = names.get((tuple(layers), width, embed))
+    text = f"LAYERS {layers}, WIDTH {width}, EMBED_DIM {embed}"
+    return f"{text} (CLIP {name})" if name else text
+
+
+def _describe_model(image_encoder: CLIPResNet) -> str:
+    layers = [len(stage) for stage in image_encoder.stages]
+    width = image_encoder.conv1.weight.shape[0] * 2
+    return f"LAYERS {layers}, WIDTH {width}, EMBED_DIM {image_encoder.embed_dim}"
+
+
+def _find_module(model: nn.Module, cls) -> List[tuple]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, cls)]
+
+
+@dataclass
+class ClipLoadReport:
+    """What a CLIP checkpoint provided to a model."""
+
+    image_encoder_tensors: int = 0
+    text_encoder_tensors: int = 0
+    resized: List[str] = field(default_factory=list)
+    unused: List[str] = field(default_factory=list)
+    not_from_clip: int = 0
+
+    def summary(self, path: str) -> str:
+        lines = [
+            f"Loaded CLIP weights from {path}: {self.image_encoder_tensors} image-encoder tensors, "
+            f"{self.text_encoder_tensors} text-encoder tensors."
+        ]
+        lines += [f"  {note}" for note in self.resized]
+        if self.unused:
+            lines.append(f"  Not used by this model: {', '.join(self.unused)}.")
+        lines.append(
+            f"  {self.not_from_clip} other tensors (FPN, heads, context decoder, learnable contexts) "
+            f"are not part of CLIP and keep their fresh initialisation, as intended."
+        )
+        return "\n".join(lines)
+
+
+def _clip_to_model_keys(state, image_prefix, text_prefix, image_encoder, text_encoder, report):
+    """Rename (and resize) CLIP tensors to the model's names."""
+    mapped = {}
+    for key, value in state.items():
+        if key.startswith("visual."):
+            name = key[len("visual."):]
+            if name.startswith("attnpool.") and image_encoder.attnpool is None:
+                if name == "attnpool.positional_embedding":
+                    report.unused.append("visual.attnpool (the CLIP baseline has no attention pool)")
+                continue
+            if name == "attnpool.positional_embedding":
+                side = image_encoder.input_resolution // 32
+                if value.shape[0] != side * side + 1:
+                    old = int(round((value.shape[0] - 1) ** 0.5))
+                    value = resize_positional_grid(value, (side, side))
+                    report.resized.append(
+                        f"attention-pool positional grid interpolated {old}x{old} -> {side}x{side} "
+                        f"(MODEL.CLIP.INPUT_RESOLUTION {image_encoder.input_resolution})"
+                    )
+            mapped[image_prefix + name] = value
+        elif key.startswith(_TEXT_PREFIXES):
+            if text_encoder is None:
+                if key == "positional_embedding":
+                    report.unused.append("the text encoder (the CLIP baseline uses no text)")
+                continue
+            if key == "positional_embedding":
+                needed = text_encoder.positional_embedding.shape[0]
+                if value.shape[0] < needed:
+                    raise ValueError(
+                        f"The checkpoint's text encoder has {value.shape[0]} positions, fewer than the "
+                        f"{needed} that MODEL.DENSECLIP.PROMPT_LENGTH + NUM_CONTEXT need"
+                    )
+                value = value[:needed]
+            mapped[text_prefix + key] = value
+        elif not key.startswith("attn_mask"):
+            report.unused.append(key)
+    return mapped
+
+
+def load_clip_weights(model: nn.Module, state: Dict[str, torch.Tensor], path: str = "") -> ClipLoadReport:
+    """
+    Load a CLIP state dict (CLIP key names) into the CLIPResNet and ContextTextEncoder of ``model``.
+
+    Raises:
+        ValueError if the checkpoint's architecture does not fit the model's, naming both.
+    """
+    encoders = _find_module(model, CLIPResNet)
+    if len(encoders) != 1:
+        raise ValueError(f"Expected one CLIPResNet in the model to load CLIP weights into, found {len(encoders)}")
+    image_prefix, image_encoder = encoders[0][0] + ".", encoders[0][1]
+    texts = _find_module(model, ContextTextEncoder)
+    text_prefix, text_encoder = (texts[0][0] + ".", texts[0][1]) if texts else ("", None)
+
+    report = ClipLoadReport()
+    mapped = _clip_to_model_keys(state, image_prefix, text_prefix, image_encoder, text_encoder, report)
+    own = model.state_dict()
+    clip_owned = [
+        k for k in own
+        if k.startswith(image_prefix) or (text_encoder is not None and k.startswith(text_prefix))
+    ]
+    # BatchNorm step counters mean nothing to frozen statistics; either side may lack them.
+    mapped = {k: v for k, v in mapped.items() if k in own or not k.endswith("num_batches_tracked")}
+    clip_owned = [k for k in clip_owned if not k.endswith(("contexts", "num_batches_tracked"))]
+    problems = []
+    missing = [k for k in clip_owned if k not in mapped]
+    unexpected = [k for k in mapped if k not in own]
+    mismatched = [
+        f"{k}: checkpoint {tuple(mapped[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in mapped
+        if k in own and mapped[k].shape != own[k].shape
+    ]
+    if missing:
+        problems.append(f"{len(missing)} model tensors have no counterpart (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} checkpoint tensors have no place in the model (e.g. {unexpected[0]})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} tensors differ in shape (e.g. {mismatched[0]})")
+    if problems:
+        where = f"CLIP checkpoint {path}" if path else "The CLIP checkpoint"
+        raise ValueError(
+            f"{where} does not fit the model's architecture: it holds {describe_clip_architecture(state)}, "
+            f"the model is configured with MODEL.CLIP {_describe_model(image_encoder)}. "
+            f"{'; '.join(problems)}. Use the config that matches these weights (R_50 configs for RN50, "
+            f"R_101 for RN101) or the weights that match the config."
+        )
+    model.load_state_dict(mapped, strict=False)
+    report.image_encoder_tensors = sum(k.startswith(image_prefix) for k in mapped)
+    report.text_encoder_tensors = len(mapped) - report.image_encoder_tensors
+    report.not_from_clip = len(own) - len(mapped)
+    return report

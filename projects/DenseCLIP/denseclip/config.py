@@ -1,0 +1,74 @@
+"""Config keys added by DenseCLIP. Every key has a default and a one-line comment."""
+from detectron2.config import CfgNode as CN
+
+
+def add_denseclip_config(cfg):
+    """Add DenseCLIP's keys to a Detectron2 config, in place."""
+    # ---------------------------------------------------------------------------------------------
+    # CLIP image encoder (modified ResNet). Defaults are CLIP RN50; RN101 sets LAYERS and EMBED_DIM.
+    # ---------------------------------------------------------------------------------------------
+    cfg.MODEL.CLIP = CN()
+    # Blocks per stage res2..res5: [3, 4, 6, 3] for RN50, [3, 4, 23, 3] for RN101.
+    cfg.MODEL.CLIP.LAYERS = [3, 4, 6, 3]
+    # Stem width; stage widths are 4x, 8x, 16x, 32x this (256..2048 for 64).
+    cfg.MODEL.CLIP.WIDTH = 64
+    # CLIP's joint embedding size: 1024 for RN50, 512 for RN101.
+    cfg.MODEL.CLIP.EMBED_DIM = 1024
+    # Input resolution the attention pool's positional grid is built for (1344 -> 42 x 42 grid).
+    cfg.MODEL.CLIP.INPUT_RESOLUTION = 1344
+    # Normalisation of the image encoder: "FrozenBN" (CLIP's statistics, fixed), "BN" or "SyncBN".
+    cfg.MODEL.CLIP.NORM = "FrozenBN"
+    # Freeze the stem (1) and stages res2.. (2..5) like MODEL.BACKBONE.FREEZE_AT; 0 trains all.
+    cfg.MODEL.CLIP.FREEZE_AT = 0
+    # Image-encoder features handed to the FPN.
+    cfg.MODEL.CLIP.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+
+    # CLIP text encoder (frozen transformer). Defaults are CLIP's, shared by RN50 and RN101.
+    cfg.MODEL.CLIP.TEXT = CN()
+    cfg.MODEL.CLIP.TEXT.WIDTH = 512
+    cfg.MODEL.CLIP.TEXT.HEADS = 8
+    cfg.MODEL.CLIP.TEXT.LAYERS = 12
+    cfg.MODEL.CLIP.TEXT.VOCAB_SIZE = 49408
+
+    # ---------------------------------------------------------------------------------------------
+    # DenseCLIP language guidance: pixel-text score maps concatenated to res5, auxiliary loss.
+    # ---------------------------------------------------------------------------------------------
+    cfg.MODEL.DENSECLIP = CN()
+    # False builds the "CLIP" baseline backbone: CLIP ResNet + FPN, no text, no score map.
+    cfg.MODEL.DENSECLIP.ENABLED = False
+    # Class names for the prompts; empty takes the thing_classes of DATASETS.TRAIN[0].
+    cfg.MODEL.DENSECLIP.CLASS_NAMES = []
+    # Token positions per class name: start token, the name's BPE tokens, end token.
+    cfg.MODEL.DENSECLIP.PROMPT_LENGTH = 5
+    # Learnable context vectors inserted after the start token.
+    cfg.MODEL.DENSECLIP.NUM_CONTEXT = 8
+    # Temperature of the pixel-text score map (cosine similarity / TAU).
+    cfg.MODEL.DENSECLIP.TAU = 0.07
+    # Initial value of the learnable per-channel scale of the context decoder's update.
+    cfg.MODEL.DENSECLIP.GAMMA_INIT = 1e-4
+    # Cache the text encoder's output in eval mode (it only depends on the learned contexts).
+    cfg.MODEL.DENSECLIP.CACHE_TEXT_EMBEDDINGS = True
+
+    # Context decoder (vision-to-language prompting): text embeddings attend to the image.
+    cfg.MODEL.DENSECLIP.CONTEXT_DECODER = CN()
+    cfg.MODEL.DENSECLIP.CONTEXT_DECODER.WIDTH = 256
+    cfg.MODEL.DENSECLIP.CONTEXT_DECODER.HEADS = 4
+    cfg.MODEL.DENSECLIP.CONTEXT_DECODER.LAYERS = 3
+    cfg.MODEL.DENSECLIP.CONTEXT_DECODER.DROPOUT = 0.1
+
+    # Auxiliary loss on the score map.
+    cfg.MODEL.DENSECLIP.SCORE_MAP_LOSS = CN()
+    cfg.MODEL.DENSECLIP.SCORE_MAP_LOSS.WEIGHT = 1.0
+    # Stride of the target grid the score map is upsampled to (4 = res2, as in the release).
+    cfg.MODEL.DENSECLIP.SCORE_MAP_LOSS.STRIDE = 4
+    # Build targets from instance masks instead of boxes when the dataset has masks (the release
+    # uses boxes, also for Mask R-CNN).
+    cfg.MODEL.DENSECLIP.SCORE_MAP_LOSS.USE_MASKS = False
+
+    # ---------------------------------------------------------------------------------------------
+    # Solver additions (the release recipe).
+    # ---------------------------------------------------------------------------------------------
+    # "SGD" or "ADAMW".
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    # Learning-rate multiplier of the CLIP image encoder (its attention pool included).
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0

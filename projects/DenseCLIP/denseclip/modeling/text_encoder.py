@@ -1,0 +1,157 @@
+"""CLIP's text encoder with learnable context tokens, one prompt per class name."""
+from typing import List, Optional, Sequence
+
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transformer import TextTransformer
+from torch import nn
+
+__all__ = ["ContextTextEncoder", "tokenize_class_names"]
+
+_TOKENIZER = None
+
+
+def _tokenizer() -> SimpleTokenizer:
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        _TOKENIZER = SimpleTokenizer()
+    return _TOKENIZER
+
+
+def tokenize_class_names(class_names: Sequence[str], prompt_length: int) -> torch.Tensor:
+    """
+    Tokenize each class name with CLIP's BPE into ``prompt_length`` positions:
+    start token, the name's tokens, end token, zero padding.
+
+    Returns:
+        K x prompt_length int64 tensor.
+    Raises:
+        ValueError naming every class whose tokens do not fit.
+    """
+    if len(class_names) == 0:
+        raise ValueError("DenseCLIP needs at least one class name for its text prompts")
+    tokenizer = _tokenizer()
+    encoded = [tokenizer.encode(name) for name in class_names]
+    too_long = [
+        f"{name!r} ({len(ids)} tokens)"
+        for name, ids in zip(class_names, encoded)
+        if len(ids) + 2 > prompt_length
+    ]
+    if too_long:
+        longest = max(len(ids) for ids in encoded) + 2
+        raise ValueError(
+            f"Class names too long for MODEL.DENSECLIP.PROMPT_LENGTH={prompt_length} (start and end "
+            f"token included, {prompt_length - 2} name tokens fit): {', '.join(too_long)}. "
+            f"Shorten these names (MODEL.DENSECLIP.CLASS_NAMES, or the dataset's category names) "
+            f"or set MODEL.DENSECLIP.PROMPT_LENGTH {longest}."
+        )
+    tokens = torch.zeros(len(class_names), prompt_length, dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        ids = [tokenizer.sot_token_id] + ids + [tokenizer.eot_token_id]
+        tokens[row, : len(ids)] = torch.tensor(ids)
+    return tokens
+
+
+class ContextTextEncoder(TextTransformer):
+    """
+    CLIP's text transformer (open_clip's module, frozen) encoding, for each class k,
+    ``[start] [ctx_1] .. [ctx_M] [name_k tokens] [end] [pad]..`` where the M context vectors are
+    learned and shared by all classes. The output is read at the end token and projected.
+
+    Parameter names match CLIP checkpoints' text keys (``transformer.*``, ``token_embedding.weight``,
+    ``positional_embedding``, ``ln_final.*``, ``text_projection``); ``contexts`` is DenseCLIP's own.
+    Only the first ``prompt_length + num_context`` positional embeddings are kept.
+
+    In eval mode the K x D output is computed once and reused until any of the module's tensors
+    change (an optimizer step, loading weights, moving devices).
+    """
+
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        embed_dim: int = 1024,
+        width: int = 512,
+        heads: int = 8,
+        layers: int = 12,
+        vocab_size: int = 49408,
+        prompt_length: int = 5,
+        num_context: int = 8,
+        cache_in_eval: bool = True,
+    ):
+        super().__init__(
+            context_length=prompt_length + num_context,
+            vocab_size=vocab_size,
+            width=width,
+            heads=heads,
+            layers=layers,
+            output_dim=embed_dim,
+        )
+        self.class_names: List[str] = list(class_names)
+        self.num_context = num_context
+        self.register_buffer(
+            "token_ids", tokenize_class_names(self.class_names, prompt_length), persistent=False
+        )
+        self.requires_grad_(False)  # CLIP's text encoder stays frozen; only the contexts learn.
+        if num_context > 0:
+            self.contexts = nn.Parameter(torch.empty(num_context, width))
+            nn.init.trunc_normal_(self.contexts, std=0.02)
+        else:
+            self.contexts = None
+        self.cache_in_eval = cache_in_eval
+        self._cache = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def encode(self) -> torch.Tensor:
+        """Run the transformer: K x D class embeddings (float32, autocast off)."""
+        tokens = self.token_ids
+        with torch.autocast(tokens.device.type, enabled=False):
+            x = self.token_embedding(tokens)  # K x P x W
+            if self.contexts is not None:
+                contexts = self.contexts.expand(x.shape[0], -1, -1).to(x.dtype)
+                x = torch.cat([x[:, :1], contexts, x[:, 1:]], dim=1)
+            x = x + self.positional_embedding.to(x.dtype)
+            x = self.transformer(x, attn_mask=self.attn_mask)
+            x = self.ln_final(x)
+            # The end token has the largest id; the contexts shift its position by num_context.
+            end = tokens.argmax(dim=-1) + self.num_context
+            x = x[torch.arange(x.shape[0], device=x.device), end]
+            return x @ self.text_projection
+
+    def _cache_key(self):
+        return tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
+
+    def forward(self) -> torch.Tensor:
+        """K x D text embeddings, cached in eval mode."""
+        if self.training or not self.cache_in_eval:
+            self._cache = None
+            return self.encode()
+        key = self._cache_key()
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self.encode())
+        return self._cache[1]
+
+    def train(self, mode: bool = True):
+        self._cache = None
+        return super().train(mode)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, num_context={self.num_context}"
+
+
+def text_encoder_from_config(cfg, class_names: Sequence[str], embed_dim: Optional[int] = None):
+    text = cfg.MODEL.CLIP.TEXT
+    return ContextTextEncoder(
+        class_names,
+        embed_dim=embed_dim or cfg.MODEL.CLIP.EMBED_DIM,
+        width=text.WIDTH,
+        heads=text.HEADS,
+        layers=text.LAYERS,
+        vocab_size=text.VOCAB_SIZE,
+        prompt_length=cfg.MODEL.DENSECLIP.PROMPT_LENGTH,
+        num_context=cfg.MODEL.DENSECLIP.NUM_CONTEXT,
+        cache_in_eval=cfg.MODEL.DENSECLIP.CACHE_TEXT_EMBEDDINGS,
+    )

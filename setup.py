@@ -1,0 +1,25 @@
+"""Installs the ``denseclip`` package from ``projects/DenseCLIP``.
+
+Detectron2 is not listed: it is not published on the package registry under its own name.
+``scripts/setup_env.sh`` installs it (or keeps one built from source); see README.md.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="denseclip-detectron2",
+    version="0.1.0",
+    description="DenseCLIP (CVPR 2022) for object detection and instance segmentation on Detectron2",
+    python_requires=">=3.9",
+    package_dir={"": "projects/DenseCLIP"},
+    packages=find_packages(where="projects/DenseCLIP"),
+    install_requires=[
+        "torch>=2.0",
+        "torchvision",
+        "open_clip_torch>=2.20",
+        "fvcore>=0.1.5,<0.1.6",
+        "pycocotools>=2.0.2",
+        "opencv-python",
+        "safetensors",
+    ],
+    extras_require={"dev": ["pytest", "pytest-timeout"]},
+)
