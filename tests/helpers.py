@@ -48,3 +48,36 @@ def tiny_cfg(denseclip: bool = True, class_names=("cat", "dog", "traffic light")
     cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
     cfg.MODEL.FPN.OUT_CHANNELS = 16
     return cfg
+
+
+DETECTOR_CONFIGS = {
+    "retinanet": "configs/COCO-Detection/retinanet_denseclip_R_50_FPN_1x.yaml",
+    "mask_rcnn": "configs/COCO-InstanceSegmentation/mask_rcnn_denseclip_R_50_FPN_1x.yaml",
+}
+
+
+def tiny_detector_cfg(kind: str = "retinanet", class_names=("cat", "dog", "traffic light")):
+    """A real COCO config of the repository, shrunk to a tiny CLIP, tiny heads and small inputs."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = tiny_cfg(denseclip=True, class_names=class_names)
+    cfg.merge_from_file(os.path.join(root, DETECTOR_CONFIGS[kind]))
+    shrunk = tiny_cfg(denseclip=True, class_names=class_names)
+    cfg.MODEL.CLIP.merge_from_other_cfg(shrunk.MODEL.CLIP)
+    cfg.MODEL.DENSECLIP.CONTEXT_DECODER.merge_from_other_cfg(shrunk.MODEL.DENSECLIP.CONTEXT_DECODER)
+    cfg.MODEL.CLIP.OUT_FEATURES = list(cfg.MODEL.FPN.IN_FEATURES)
+    cfg.MODEL.FPN.OUT_CHANNELS = 16
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.RETINANET.NUM_CLASSES = cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(class_names)
+    cfg.MODEL.RETINANET.NUM_CONVS = 1
+    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 32
+    cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 16
+    cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = 1
+    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 50
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 32
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (64,), 96
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 64, 96
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    cfg.DATALOADER.NUM_WORKERS = 0
+    return cfg

@@ -1,0 +1,1 @@
+from .trainer import DenseCLIPTrainer, check_class_count, head_num_classes

@@ -1,0 +1,81 @@
+"""DenseCLIP's trainer: Detectron2's DefaultTrainer with the release's optimizer, CLIP-aware
+checkpointing, COCO evaluation and distributed training that also works on CPU (gloo)."""
+import logging
+import os
+import weakref
+
+import torch
+
+from detectron2.data import MetadataCatalog
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ..checkpoint import DenseCLIPCheckpointer
+from ..solver import build_optimizer
+
+__all__ = ["DenseCLIPTrainer", "check_class_count", "head_num_classes"]
+
+
+def head_num_classes(cfg) -> int:
+    """The class count of the detector head the config builds."""
+    if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE:
+        return cfg.MODEL.RETINANET.NUM_CLASSES
+    return cfg.MODEL.ROI_HEADS.NUM_CLASSES
+
+
+def check_class_count(cfg) -> None:
+    """Every configured dataset must have as many classes as the detector head."""
+    expected = head_num_classes(cfg)
+    key = "MODEL.RETINANET.NUM_CLASSES" if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE else "MODEL.ROI_HEADS.NUM_CLASSES"
+    for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
+        classes = MetadataCatalog.get(name).get("thing_classes", None)
+        if classes is not None and len(classes) != expected:
+            raise ValueError(
+                f"Dataset {name!r} has {len(classes)} classes but {key} is {expected}. "
+                f"Set {key} {len(classes)} (on the command line or in the config)."
+            )
+
+
+class DenseCLIPTrainer(DefaultTrainer):
+    """DefaultTrainer, with only what DenseCLIP changes overridden."""
+
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__, except two things it hard-codes: the checkpointer (ours reads
+        # CLIP weights and saves atomically) and DDP's device_ids (which must be absent on CPU).
+        TrainerBase.__init__(self)
+        logger = logging.getLogger("detectron2")
+        if not logger.isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+
+        on_gpu = torch.device(cfg.MODEL.DEVICE).type == "cuda"
+        model = create_ddp_model(
+            model, broadcast_buffers=False, device_ids=[comm.get_local_rank()] if on_gpu else None
+        )
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DenseCLIPCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_model(cls, cfg):
+        check_class_count(cfg)
+        return super().build_model(cfg)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        return COCOEvaluator(dataset_name, output_dir=output_folder)

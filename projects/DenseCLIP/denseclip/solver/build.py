@@ -1,0 +1,63 @@
+"""The release's optimizer: AdamW (or SGD), no decay on norm layers, CLIP image encoder at a reduced lr,
+frozen text encoder, optional gradient clipping over the whole model."""
+import itertools
+from typing import Type
+
+import torch
+
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+
+from ..modeling.backbone.clip_resnet import CLIPResNet
+
+__all__ = ["build_optimizer"]
+
+
+def _with_full_model_gradient_clipping(optimizer_type: Type[torch.optim.Optimizer], max_norm: float, norm_type: float):
+    """An optimizer class that clips the gradient norm of all its parameters together before each step."""
+
+    class FullModelGradientClipping(optimizer_type):
+        def step(self, closure=None):
+            params = itertools.chain(*(group["params"] for group in self.param_groups))
+            torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type)
+            return super().step(closure=closure)
+
+    FullModelGradientClipping.__name__ = optimizer_type.__name__ + "WithFullModelGradientClipping"
+    return FullModelGradientClipping
+
+
+def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """
+    Parameter groups: the CLIP image encoder (attention pool included) at SOLVER.BASE_LR x
+    SOLVER.BACKBONE_MULTIPLIER, norm layers with SOLVER.WEIGHT_DECAY_NORM, frozen parameters (the CLIP
+    text encoder, frozen stages) left out. SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model" clips the
+    norm of all gradients together; "value" and "norm" are Detectron2's per-parameter clipping.
+    """
+    image_encoders = tuple(
+        name + "." for name, module in model.named_modules() if isinstance(module, CLIPResNet)
+    )
+
+    def lr_factor(param_name: str) -> float:
+        return cfg.SOLVER.BACKBONE_MULTIPLIER if param_name.startswith(image_encoders) else 1.0
+
+    params = get_default_optimizer_params(
+        model,
+        base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+        lr_factor_func=lr_factor,
+    )
+    name = cfg.SOLVER.OPTIMIZER.upper()
+    if name == "SGD":
+        optimizer_type, kwargs = torch.optim.SGD, dict(momentum=cfg.SOLVER.MOMENTUM, nesterov=cfg.SOLVER.NESTEROV)
+    elif name == "ADAMW":
+        optimizer_type, kwargs = torch.optim.AdamW, {}
+    else:
+        raise ValueError(f"SOLVER.OPTIMIZER must be SGD or ADAMW, got {cfg.SOLVER.OPTIMIZER!r}")
+
+    clipping = cfg.SOLVER.CLIP_GRADIENTS
+    if clipping.ENABLED and clipping.CLIP_TYPE == "full_model":
+        optimizer_type = _with_full_model_gradient_clipping(optimizer_type, clipping.CLIP_VALUE, clipping.NORM_TYPE)
+        return optimizer_type(params, lr=cfg.SOLVER.BASE_LR, **kwargs)
+    return maybe_add_gradient_clipping(cfg, optimizer_type)(params, lr=cfg.SOLVER.BASE_LR, **kwargs)

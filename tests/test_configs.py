@@ -1,0 +1,84 @@
+"""The 8 COCO configs of the paper's tables: each builds on CPU with the paper's parameter count
+(text encoder excluded: its output is cached) and runs one inference."""
+import os
+
+import pytest
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from denseclip import add_denseclip_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# DESIGN.md / the paper: parameters in millions.
+PAPER_PARAMS = {
+    "COCO-Detection/retinanet_clip_R_50_FPN_1x.yaml": 38,
+    "COCO-Detection/retinanet_denseclip_R_50_FPN_1x.yaml": 60,
+    "COCO-Detection/retinanet_clip_R_101_FPN_1x.yaml": 57,
+    "COCO-Detection/retinanet_denseclip_R_101_FPN_1x.yaml": 78,
+    "COCO-InstanceSegmentation/mask_rcnn_clip_R_50_FPN_1x.yaml": 44,
+    "COCO-InstanceSegmentation/mask_rcnn_denseclip_R_50_FPN_1x.yaml": 67,
+    "COCO-InstanceSegmentation/mask_rcnn_clip_R_101_FPN_1x.yaml": 63,
+    "COCO-InstanceSegmentation/mask_rcnn_denseclip_R_101_FPN_1x.yaml": 84,
+}
+
+
+def load(config):
+    cfg = get_cfg()
+    add_denseclip_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, "configs", config))
+    cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+def inference_parameters(model):
+    """Parameters of the deployed model: everything but the frozen CLIP text encoder."""
+    return sum(p.numel() for name, p in model.named_parameters() if "text_encoder." not in name or name.endswith("contexts"))
+
+
+@pytest.mark.parametrize("config", sorted(PAPER_PARAMS))
+def test_full_size_config_builds_counts_and_infers(config):
+    cfg = load(config)
+    model = build_model(cfg).eval()
+    params = inference_parameters(model)
+    print(f"{config}: {params / 1e6:.2f}M parameters")
+    assert params / 1e6 == pytest.approx(PAPER_PARAMS[config], rel=0.03)
+    with torch.no_grad():
+        (output,) = model([{"image": torch.rand(3, 96, 128) * 255, "height": 96, "width": 128}])
+    assert output["instances"].image_size == (96, 128)
+    if "mask_rcnn" in config:
+        assert output["instances"].has("pred_masks") or len(output["instances"]) == 0
+
+
+@pytest.mark.parametrize("config", sorted(PAPER_PARAMS))
+def test_release_recipe(config):
+    cfg = load(config)
+    denseclip = "denseclip" in config
+    assert cfg.MODEL.DENSECLIP.ENABLED == denseclip
+    assert cfg.MODEL.META_ARCHITECTURE == {
+        (True, True): "DenseCLIPRetinaNet", (True, False): "RetinaNet",
+        (False, True): "DenseCLIPRCNN", (False, False): "GeneralizedRCNN",
+    }[("retinanet" in config, denseclip)]
+    assert cfg.INPUT.FORMAT == "RGB" and cfg.INPUT.MIN_SIZE_TRAIN == (800,) and cfg.INPUT.MAX_SIZE_TRAIN == 1333
+    assert cfg.MODEL.PIXEL_MEAN == pytest.approx([0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255])
+    assert cfg.MODEL.PIXEL_STD == pytest.approx([0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255])
+    assert cfg.SOLVER.OPTIMIZER == "ADAMW" and cfg.SOLVER.WEIGHT_DECAY == 1e-4 and cfg.SOLVER.WEIGHT_DECAY_NORM == 0
+    assert cfg.SOLVER.BASE_LR == (1e-4 if "retinanet" in config else 2e-4) and cfg.SOLVER.IMS_PER_BATCH == 16
+    assert cfg.SOLVER.BACKBONE_MULTIPLIER == 0.1
+    assert cfg.SOLVER.CLIP_GRADIENTS.ENABLED and cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model"
+    assert cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE == 0.1
+    assert cfg.SOLVER.WARMUP_ITERS == 500 and cfg.SOLVER.WARMUP_FACTOR == 0.001
+    assert cfg.SOLVER.STEPS == (60000, 82500) and cfg.SOLVER.MAX_ITER == 90000
+    assert cfg.DATASETS.TRAIN == ("coco_2017_train",) and cfg.DATASETS.TEST == ("coco_2017_val",)
+    assert cfg.MODEL.CLIP.LAYERS == ([3, 4, 23, 3] if "R_101" in config else [3, 4, 6, 3])
+
+
+def test_all_coco_class_names_fit_the_prompt():
+    from detectron2.data import MetadataCatalog
+
+    from denseclip.modeling import tokenize_class_names
+
+    names = MetadataCatalog.get("coco_2017_train").thing_classes
+    assert tokenize_class_names(names, prompt_length=5).shape == (80, 5)

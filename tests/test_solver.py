@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from denseclip.solver import build_optimizer
+
+from helpers import tiny_detector_cfg
+from test_meta_arch import training_batch
+
+
+@pytest.fixture
+def model_and_optimizer():
+    cfg = tiny_detector_cfg("mask_rcnn")
+    cfg.SOLVER.BASE_LR = 1e-3
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    return cfg, model, build_optimizer(cfg, model)
+
+
+def group_of(optimizer, param):
+    return next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
+
+
+def test_parameter_groups(model_and_optimizer):
+    cfg, model, optimizer = model_and_optimizer
+    assert isinstance(optimizer, torch.optim.AdamW)
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    bottom_up = model.backbone.bottom_up
+    text = bottom_up.score_map.text_encoder
+    frozen = [p for n, p in text.named_parameters() if n != "contexts"]
+    assert frozen and not any(id(p) in in_optimizer for p in frozen)
+
+    base = cfg.SOLVER.BASE_LR
+    assert group_of(optimizer, bottom_up.image_encoder.layer1[0].conv1.weight)["lr"] == pytest.approx(0.1 * base)
+    assert group_of(optimizer, bottom_up.image_encoder.attnpool.q_proj.weight)["lr"] == pytest.approx(0.1 * base)
+    assert group_of(optimizer, text.contexts)["lr"] == pytest.approx(base)
+    assert group_of(optimizer, bottom_up.score_map.gamma)["lr"] == pytest.approx(base)
+    assert group_of(optimizer, model.backbone.fpn_lateral5.weight)["lr"] == pytest.approx(base)
+
+    norm = bottom_up.score_map.context_decoder.memory_proj[0].weight  # a LayerNorm
+    assert group_of(optimizer, norm)["weight_decay"] == 0.0
+    assert group_of(optimizer, model.backbone.fpn_lateral5.weight)["weight_decay"] == pytest.approx(1e-4)
+
+
+def test_one_step_trains_contexts_and_gamma_but_not_the_text_encoder(model_and_optimizer):
+    cfg, model, optimizer = model_and_optimizer
+    text = model.backbone.bottom_up.score_map.text_encoder
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with EventStorage():
+        losses = model(training_batch(with_masks=True))
+    sum(losses.values()).backward()
+    optimizer.step()
+    after = dict(model.named_parameters())
+    text_prefix = "backbone.bottom_up.score_map.text_encoder."
+    for name, value in before.items():
+        if name.startswith(text_prefix) and not name.endswith("contexts"):
+            assert torch.equal(after[name], value), name
+    assert not torch.equal(after[text_prefix + "contexts"], before[text_prefix + "contexts"])
+    assert not torch.equal(after["backbone.bottom_up.score_map.gamma"], before["backbone.bottom_up.score_map.gamma"])
+
+
+def test_full_model_gradient_clipping():
+    cfg = tiny_detector_cfg("retinanet")
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    cfg.SOLVER.MOMENTUM = 0.0
+    cfg.SOLVER.WEIGHT_DECAY = 0.0
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
+    cfg.SOLVER.BASE_LR = 1.0
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.1  # full_model, as in the COCO configs
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))]
+    model = torch.nn.ParameterList(params)
+    optimizer = build_optimizer(cfg, model)
+    params[0].grad, params[1].grad = torch.full((3,), 3.0), torch.full((4,), 4.0)
+    total = (9 * 3 + 16 * 4) ** 0.5
+    optimizer.step()
+    # SGD with lr 1: the update is the clipped gradient, whose norm over both tensors is 0.1.
+    step = torch.cat([p.detach() for p in params]).neg()
+    assert step.norm().item() == pytest.approx(0.1, rel=1e-5)
+    torch.testing.assert_close(step[:3], torch.full((3,), 3.0 * 0.1 / total))

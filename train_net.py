@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""
+Train and evaluate DenseCLIP (and its CLIP baselines) with Detectron2.
+
+    python train_net.py --config-file configs/COCO-Detection/retinanet_denseclip_R_50_FPN_1x.yaml --num-gpus 8
+    python train_net.py --config-file <config> --eval-only MODEL.WEIGHTS output/model_final.pth
+"""
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+import denseclip.data  # noqa: F401  (registers the generated dataset)
+from denseclip import DenseCLIPCheckpointer, add_denseclip_config
+from denseclip.engine import DenseCLIPTrainer
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_denseclip_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"MODEL.DEVICE is {cfg.MODEL.DEVICE} but no GPU is available: add MODEL.DEVICE cpu")
+    default_setup(cfg, args)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="denseclip")
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = DenseCLIPTrainer.build_model(cfg)
+        DenseCLIPCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        return DenseCLIPTrainer.test(cfg, model)
+    trainer = DenseCLIPTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
