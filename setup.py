@@ -9,7 +9,7 @@ setup(
     name="denseclip-detectron2",
     version="0.1.0",
     description="DenseCLIP (CVPR 2022) for object detection and instance segmentation on Detectron2",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     package_dir={"": "projects/DenseCLIP"},
     packages=find_packages(where="projects/DenseCLIP"),
     install_requires=[
@@ -22,4 +22,5 @@ setup(
         "safetensors",
     ],
     extras_require={"dev": ["pytest", "pytest-timeout"]},
+    entry_points={"console_scripts": ["denseclip-shapes=denseclip.data.datasets.shapes:main"]},
 )

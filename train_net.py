@@ -7,21 +7,16 @@ Train and evaluate DenseCLIP (and its CLIP baselines) with Detectron2.
 """
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-import denseclip.data  # noqa: F401  (registers the generated dataset)
-from denseclip import DenseCLIPCheckpointer, add_denseclip_config
+from denseclip import DenseCLIPCheckpointer, get_denseclip_cfg
 from denseclip.engine import DenseCLIPTrainer
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_denseclip_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_denseclip_cfg(args.config_file, args.opts)
     cfg.freeze()
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"MODEL.DEVICE is {cfg.MODEL.DEVICE} but no GPU is available: add MODEL.DEVICE cpu")

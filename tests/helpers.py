@@ -81,3 +81,58 @@ def tiny_detector_cfg(kind: str = "retinanet", class_names=("cat", "dog", "traff
     cfg.SOLVER.IMS_PER_BATCH = 2
     cfg.DATALOADER.NUM_WORKERS = 0
     return cfg
+
+
+REPO = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+TINY_SHAPES_CONFIGS = {
+    "retinanet": "configs/Shapes-Detection/retinanet_denseclip_tiny_FPN.yaml",
+    "mask_rcnn": "configs/Shapes-InstanceSegmentation/mask_rcnn_denseclip_tiny_FPN.yaml",
+}
+
+
+def run_script(args, cwd=None, env=None, timeout=600):
+    """Run a repository script with this interpreter; returns the CompletedProcess (stdout+stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd or REPO, env=full_env, timeout=timeout,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def write_coco_dataset(folder, class_names=("apple", "bottle", "cup"), num_images=6, size=96, seed=0):
+    """A small COCO-format dataset written by hand: filled rectangles, one class each; returns
+    (json path, image folder)."""
+    import json
+    import os
+
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    image_dir = os.path.join(folder, "images")
+    os.makedirs(image_dir, exist_ok=True)
+    images, annotations = [], []
+    for index in range(num_images):
+        image = np.full((size, size, 3), 40, np.uint8)
+        for _ in range(2):
+            category = int(rng.integers(len(class_names)))
+            w, h = rng.integers(20, 40, 2)
+            x, y = rng.integers(0, size - w), rng.integers(0, size - h)
+            image[y : y + h, x : x + w] = (60 + 80 * category, 200 - 60 * category, 120)
+            polygon = [float(v) for v in (x, y, x + w, y, x + w, y + h, x, y + h)]
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": index + 1, "category_id": 10 * (category + 1),
+                "bbox": [float(x), float(y), float(w), float(h)], "area": float(w * h),
+                "segmentation": [polygon], "iscrowd": 0,
+            })
+        cv2.imwrite(os.path.join(image_dir, f"{index}.png"), image)
+        images.append({"id": index + 1, "file_name": f"{index}.png", "height": size, "width": size})
+    categories = [{"id": 10 * (i + 1), "name": name} for i, name in enumerate(class_names)]
+    json_file = os.path.join(folder, "annotations.json")
+    with open(json_file, "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    return json_file, image_dir

@@ -1,4 +1,5 @@
 """DenseCLIP (CVPR 2022) for object detection and instance segmentation on Detectron2."""
+from . import data  # noqa: F401  (registers the generated dataset)
 from . import modeling  # noqa: F401  (registers backbones and meta-architectures)
 from .checkpoint import DenseCLIPCheckpointer
-from .config import add_denseclip_config
+from .config import add_denseclip_config, get_denseclip_cfg

@@ -1,5 +1,8 @@
 """Config keys added by DenseCLIP. Every key has a default and a one-line comment."""
+from typing import Sequence
+
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 
 def add_denseclip_config(cfg):
@@ -66,9 +69,36 @@ def add_denseclip_config(cfg):
     cfg.MODEL.DENSECLIP.SCORE_MAP_LOSS.USE_MASKS = False
 
     # ---------------------------------------------------------------------------------------------
+    # Own COCO-format data without code: an annotation JSON and the folder of its images per split.
+    # When set, they are registered as "coco_format_train" / "coco_format_test" and replace
+    # DATASETS.TRAIN / DATASETS.TEST; class names come from the JSON's categories.
+    # ---------------------------------------------------------------------------------------------
+    cfg.DATASETS.COCO_FORMAT = CN()
+    cfg.DATASETS.COCO_FORMAT.TRAIN_JSON = ""
+    cfg.DATASETS.COCO_FORMAT.TRAIN_IMAGES = ""
+    cfg.DATASETS.COCO_FORMAT.TEST_JSON = ""
+    cfg.DATASETS.COCO_FORMAT.TEST_IMAGES = ""
+
+    # ---------------------------------------------------------------------------------------------
     # Solver additions (the release recipe).
     # ---------------------------------------------------------------------------------------------
     # "SGD" or "ADAMW".
     cfg.SOLVER.OPTIMIZER = "SGD"
     # Learning-rate multiplier of the CLIP image encoder (its attention pool included).
     cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
+
+
+def get_denseclip_cfg(config_file: str = "", opts: Sequence[str] = ()) -> CN:
+    """
+    Detectron2's default config with DenseCLIP's keys, merged from ``config_file`` and ``KEY VALUE``
+    overrides, with own COCO-format datasets (DATASETS.COCO_FORMAT) registered. Not frozen.
+    """
+    from .data.datasets import register_coco_format_datasets
+
+    cfg = get_cfg()
+    add_denseclip_config(cfg)
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    register_coco_format_datasets(cfg)
+    return cfg

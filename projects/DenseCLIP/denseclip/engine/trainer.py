@@ -6,13 +6,14 @@ import weakref
 
 import torch
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import DenseCLIPCheckpointer
+from ..data import DenseCLIPDatasetMapper
 from ..solver import build_optimizer
 
 __all__ = ["DenseCLIPTrainer", "check_class_count", "head_num_classes"]
@@ -70,6 +71,32 @@ class DenseCLIPTrainer(DefaultTrainer):
     def build_model(cls, cfg):
         check_class_count(cfg)
         return super().build_model(cfg)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        try:
+            return build_detection_train_loader(cfg, mapper=DenseCLIPDatasetMapper(cfg, is_train=True))
+        except AssertionError as e:  # Detectron2's "Dataset 'x' is empty!" / "No valid data found in x."
+            raise ValueError(
+                f"{e} DATASETS.TRAIN {list(cfg.DATASETS.TRAIN)} has no usable images: training needs "
+                f"images with at least one object annotation (images without any are skipped while "
+                f"DATALOADER.FILTER_EMPTY_ANNOTATIONS is True). Check the annotation file."
+            ) from e
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=DenseCLIPDatasetMapper(cfg, is_train=False))
+
+    def train(self):
+        try:
+            return super().train()
+        except FloatingPointError as e:  # Detectron2 checks the losses before each optimizer step
+            last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else None
+            raise FloatingPointError(
+                f"{e}\nTraining stopped before this step changed the model. Last good checkpoint: "
+                f"{last or 'none written yet'} (continue from it with --resume). To avoid this, lower "
+                f"SOLVER.BASE_LR or keep SOLVER.CLIP_GRADIENTS enabled."
+            ) from e
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -15,14 +15,16 @@ __all__ = ["DenseCLIPDetectorMixin", "capture_score_map"]
 @contextmanager
 def capture_score_map(backbone: torch.nn.Module) -> Iterator[Dict[str, torch.Tensor]]:
     """
-    Within the block, record what the backbone's forward computes: ``score_map`` (B x K x H/32 x W/32)
-    and ``image_size`` (the padded batch's H, W). The detector's own forward runs unchanged.
+    Within the block, record what the backbone's forward computes: ``score_map`` (B x K x H/32 x W/32,
+    absent for backbones without score maps) and ``image_size`` (the padded batch's H, W). The
+    detector's own forward runs unchanged.
     """
     captured: Dict[str, torch.Tensor] = {}
 
     def hook(module, args, output):
         captured["image_size"] = tuple(args[0].shape[-2:])
-        captured["score_map"] = output[SCORE_MAP_KEY]
+        if SCORE_MAP_KEY in output:
+            captured["score_map"] = output[SCORE_MAP_KEY]
 
     handle = backbone.register_forward_hook(hook)
     try:

@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""
+Run a trained DenseCLIP (or CLIP baseline) model on images, a folder, a video or a webcam, and write
+the predictions drawn on each input; --score-maps adds each class's pixel-text score map.
+
+    python demo/demo.py --config-file <config> --input images/*.jpg --output out/ --score-maps \
+        --opts MODEL.WEIGHTS output/model_final.pth MODEL.DEVICE cpu
+"""
+import argparse
+import glob
+import os
+import sys
+import time
+
+import cv2
+import tqdm
+
+from detectron2.data.detection_utils import read_image
+from detectron2.utils.logger import setup_logger
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from predictor import VisualizationDemo  # noqa: E402
+
+from denseclip import get_denseclip_cfg  # noqa: E402
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description="DenseCLIP demo")
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--webcam", action="store_true", help="take input from the webcam")
+    parser.add_argument("--video-input", help="path to a video file")
+    parser.add_argument("--input", nargs="+", help="image files, glob patterns or folders")
+    parser.add_argument("--output", help="folder (or, for one image or a video, a file) to write to")
+    parser.add_argument("--confidence-threshold", type=float, default=0.5)
+    parser.add_argument("--score-maps", action="store_true", help="also write per-class score-map heatmaps")
+    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
+    return parser
+
+
+def expand_inputs(patterns):
+    """Image paths from files, glob patterns and folders, in order."""
+    paths = []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            paths += sorted(
+                os.path.join(pattern, f) for f in os.listdir(pattern) if f.lower().endswith(IMAGE_EXTENSIONS)
+            )
+        else:
+            matches = sorted(glob.glob(os.path.expanduser(pattern)))
+            if not matches:
+                raise FileNotFoundError(f"--input {pattern}: no such file, folder or matching images")
+            paths += matches
+    return paths
+
+
+def output_path(output, input_path, suffix, single):
+    if single and os.path.splitext(output)[1]:
+        stem, ext = os.path.splitext(output)
+        return output if not suffix else f"{stem}{suffix}{ext}"
+    os.makedirs(output, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(input_path))[0]
+    return os.path.join(output, f"{stem}{suffix}.png")
+
+
+def run_on_images(demo, paths, output):
+    for path in tqdm.tqdm(paths, disable=not output):
+        try:
+            image = read_image(path, format="BGR")
+        except Exception as e:
+            raise ValueError(f"Cannot read {path} as an image: {e}") from e
+        start = time.perf_counter()
+        predictions, overlay, panel = demo.run_on_image(image)
+        print(f"{path}: {len(predictions['instances'])} instances in {time.perf_counter() - start:.2f}s")
+        if output:
+            cv2.imwrite(output_path(output, path, "", len(paths) == 1), overlay)
+            if panel is not None:
+                cv2.imwrite(output_path(output, path, "_score_maps", len(paths) == 1), panel)
+        else:
+            cv2.imshow("DenseCLIP", overlay)
+            if cv2.waitKey(0) == 27:
+                break
+
+
+def run_on_video(demo, video, output):
+    fps = video.get(cv2.CAP_PROP_FPS) or 15
+    writer = None
+    for frame in demo.run_on_video(video):
+        if output:
+            if writer is None:
+                writer = cv2.VideoWriter(output, cv2.VideoWriter_fourcc(*"mp4v"), fps, frame.shape[1::-1])
+            writer.write(frame)
+        else:
+            cv2.imshow("DenseCLIP", frame)
+            if cv2.waitKey(1) == 27:
+                break
+    if writer is not None:
+        writer.release()
+    video.release()
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    setup_logger(name="denseclip")
+    setup_logger()
+    cfg = get_denseclip_cfg(args.config_file, args.opts)
+    cfg.freeze()
+    demo = VisualizationDemo(cfg, args.confidence_threshold, args.score_maps)
+    if args.input:
+        run_on_images(demo, expand_inputs(args.input), args.output)
+    elif args.webcam:
+        run_on_video(demo, cv2.VideoCapture(0), args.output)
+    elif args.video_input:
+        if not os.path.isfile(args.video_input):
+            raise FileNotFoundError(f"--video-input: no such file: {args.video_input}")
+        output = args.output
+        if output and os.path.isdir(output):
+            output = os.path.join(output, os.path.splitext(os.path.basename(args.video_input))[0] + ".mp4")
+        run_on_video(demo, cv2.VideoCapture(args.video_input), output)
+    else:
+        raise SystemExit("Give --input, --video-input or --webcam")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,2 @@
+from . import datasets  # noqa: F401  (registers the generated dataset)
+from .dataset_mapper import DenseCLIPDatasetMapper

@@ -1,0 +1,85 @@
+"""Pictures of what DenseCLIP predicts: detections drawn with Detectron2's Visualizer, and each class's
+pixel-text score map as a heatmap beside its image."""
+from typing import Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from detectron2.utils.visualizer import ColorMode, Visualizer
+
+__all__ = ["draw_instances", "score_map_to_image", "score_map_panel"]
+
+
+def draw_instances(image_rgb: np.ndarray, instances, metadata, score_threshold: float = 0.5) -> np.ndarray:
+    """H x W x 3 RGB image with the instances above ``score_threshold`` drawn on it."""
+    instances = instances.to("cpu")
+    instances = instances[instances.scores >= score_threshold]
+    visualizer = Visualizer(image_rgb, metadata, instance_mode=ColorMode.IMAGE)
+    return visualizer.draw_instance_predictions(instances).get_image()
+
+
+def score_map_to_image(
+    score_map: torch.Tensor,
+    padded_size: Tuple[int, int],
+    resized_size: Tuple[int, int],
+    original_size: Tuple[int, int],
+) -> torch.Tensor:
+    """
+    Args:
+        score_map: K x h x w logits over the padded network input (stride 32).
+        padded_size: (H, W) of the padded network input.
+        resized_size: (H, W) of the resized image inside it (top-left).
+        original_size: (H, W) of the image before resizing.
+    Returns:
+        K x H x W per-class probabilities (sigmoid) aligned with the original image.
+    """
+    logits = F.interpolate(score_map[None].float(), size=padded_size, mode="bilinear", align_corners=False)
+    logits = logits[..., : resized_size[0], : resized_size[1]]
+    logits = F.interpolate(logits, size=original_size, mode="bilinear", align_corners=False)
+    return logits[0].sigmoid().cpu()
+
+
+def _caption(tile: np.ndarray, text: str) -> np.ndarray:
+    tile = tile.copy()
+    scale = max(tile.shape[1] / 400, 0.4)
+    thickness = max(int(round(scale * 2)), 1)
+    (w, h), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    cv2.rectangle(tile, (0, 0), (w + 8, h + 10), (0, 0, 0), -1)
+    cv2.putText(tile, text, (4, h + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+    return tile
+
+
+def score_map_panel(
+    image_rgb: np.ndarray,
+    probabilities: torch.Tensor,
+    class_names: Sequence[str],
+    min_tile: int = 256,
+    columns: int = 4,
+) -> np.ndarray:
+    """
+    The image followed by one heatmap per class (JET colour map over the image), in a grid.
+
+    Args:
+        image_rgb: H x W x 3 uint8.
+        probabilities: K x H x W in [0, 1].
+    Returns:
+        RGB uint8 grid of (K + 1) tiles.
+    """
+    height, width = image_rgb.shape[:2]
+    scale = max(1.0, min_tile / min(height, width))
+    size = (int(round(width * scale)), int(round(height * scale)))
+    base = cv2.resize(image_rgb, size, interpolation=cv2.INTER_LINEAR)
+    tiles = [_caption(base, "image")]
+    for name, probability in zip(class_names, probabilities.numpy()):
+        heat = cv2.resize((probability * 255).astype(np.uint8), size, interpolation=cv2.INTER_LINEAR)
+        heat = cv2.cvtColor(cv2.applyColorMap(heat, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+        tiles.append(_caption(cv2.addWeighted(base, 0.4, heat, 0.6, 0), f"{name} (max {probability.max():.2f})"))
+    columns = min(columns, len(tiles))
+    rows = -(-len(tiles) // columns)
+    blank = np.zeros_like(base)
+    tiles += [blank] * (rows * columns - len(tiles))
+    return np.concatenate(
+        [np.concatenate(tiles[r * columns : (r + 1) * columns], axis=1) for r in range(rows)], axis=0
+    )
