@@ -90,10 +90,11 @@ class DenseCLIPTrainer(DefaultTrainer):
     def train(self):
         try:
             return super().train()
-        except FloatingPointError as e:  # Detectron2 checks the losses before each optimizer step
+        except FloatingPointError as e:  # non-finite losses or boxes, found before the optimizer step
             last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else None
             raise FloatingPointError(
-                f"{e}\nTraining stopped before this step changed the model. Last good checkpoint: "
+                f"{e}\nTraining stopped at iteration {self.iter}, before this step changed the model. "
+                f"Last good checkpoint: "
                 f"{last or 'none written yet'} (continue from it with --resume). To avoid this, lower "
                 f"SOLVER.BASE_LR or keep SOLVER.CLIP_GRADIENTS enabled."
             ) from e
