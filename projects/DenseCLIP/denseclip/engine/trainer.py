@@ -88,8 +88,10 @@ class DenseCLIPTrainer(DefaultTrainer):
         return build_detection_test_loader(cfg, dataset_name, mapper=DenseCLIPDatasetMapper(cfg, is_train=False))
 
     def train(self):
+        """Train; returns the last evaluation's results (DefaultTrainer only does with EXPECTED_RESULTS)."""
         try:
-            return super().train()
+            super().train()
+            return getattr(self, "_last_eval_results", None)
         except FloatingPointError as e:  # non-finite losses or boxes, found before the optimizer step
             last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else None
             raise FloatingPointError(
@@ -106,4 +108,5 @@ class DenseCLIPTrainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+        return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)
