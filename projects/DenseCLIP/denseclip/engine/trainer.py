@@ -50,6 +50,11 @@ class DenseCLIPTrainer(DefaultTrainer):
         if not logger.isEnabledFor(logging.INFO):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        if cfg.SOLVER.AMP.ENABLED and torch.device(cfg.MODEL.DEVICE).type != "cuda":
+            raise ValueError(
+                "SOLVER.AMP.ENABLED needs a GPU (Detectron2's AMPTrainer scales float16 gradients on "
+                "CUDA). On CPU, train in float32: SOLVER.AMP.ENABLED False."
+            )
 
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)

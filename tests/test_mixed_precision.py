@@ -1,0 +1,46 @@
+"""Mixed precision: score maps and the auxiliary loss stay float32 under autocast; bfloat16 autocast
+inference runs on CPU. (Detectron2's AMPTrainer itself needs CUDA: float16 training is GPU-only.)"""
+import pytest
+import torch
+
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from denseclip.engine import DenseCLIPTrainer
+from denseclip.modeling import SCORE_MAP_KEY, capture_score_map
+
+from helpers import tiny_detector_cfg
+from test_meta_arch import training_batch
+
+
+@pytest.mark.parametrize("kind", ["retinanet", "mask_rcnn"])
+def test_autocast_training_step_is_finite_with_float32_score_maps(kind):
+    torch.manual_seed(0)
+    model = build_model(tiny_detector_cfg(kind))
+    with EventStorage(), capture_score_map(model.backbone) as captured, torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(training_batch(with_masks=kind == "mask_rcnn"))
+    assert captured["score_map"].dtype == torch.float32
+    assert losses["loss_score_map"].dtype == torch.float32
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_bfloat16_autocast_inference_on_cpu():
+    torch.manual_seed(0)
+    model = build_model(tiny_detector_cfg("mask_rcnn")).eval()
+    image = {"image": torch.rand(3, 64, 64) * 255, "height": 64, "width": 64}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model.backbone(model.preprocess_image([image]).tensor)
+        (output,) = model([image])
+    assert features[SCORE_MAP_KEY].dtype == torch.float32
+    assert features["p2"].dtype == torch.bfloat16  # the rest does run in bfloat16
+    assert torch.isfinite(output["instances"].scores.float()).all()
+
+
+def test_amp_training_on_cpu_is_a_clear_error():
+    cfg = tiny_detector_cfg("retinanet")
+    cfg.SOLVER.AMP.ENABLED = True
+    with pytest.raises(ValueError, match="SOLVER.AMP.ENABLED needs a GPU"):
+        DenseCLIPTrainer(cfg)
