@@ -135,7 +135,8 @@ class ContextTextEncoder(TextTransformer):
         return self._cache[1]
 
     def train(self, mode: bool = True):
-        self._cache = None
+        if mode:
+            self._cache = None  # training recomputes every time; free the memory
         return super().train(mode)
 
     def extra_repr(self) -> str:

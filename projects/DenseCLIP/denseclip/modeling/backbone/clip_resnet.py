@@ -25,6 +25,7 @@ def _to_frozen_batchnorm(module: nn.Module) -> nn.Module:
 
 
 def _grid_side(num_positions: int) -> int:
+    num_positions = int(num_positions)  # a tensor under jit tracing
     side = int(round((num_positions - 1) ** 0.5))
     if side * side + 1 != num_positions:
         raise ValueError(f"A positional embedding of {num_positions} rows is not 1 + a square grid")
