@@ -68,7 +68,7 @@ def test_cached_text_embeddings_give_identical_outputs(kind):
     cached, recomputed = build(kind).eval(), build(kind, **{"MODEL.DENSECLIP.CACHE_TEXT_EMBEDDINGS": False}).eval()
     recomputed.load_state_dict(cached.state_dict())
     runs = []
-    cached.backbone.bottom_up.score_map.text_encoder.transformer.register_forward_hook(lambda *a: runs.append(1))
+    cached.backbone.bottom_up.score_map.text_encoder.token_embedding.register_forward_hook(lambda *a: runs.append(1))
     images = [{"image": torch.rand(3, 64, 64) * 255} for _ in range(3)]
     with torch.no_grad():
         for image in images:

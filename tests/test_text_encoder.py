@@ -55,7 +55,8 @@ def test_contexts_sit_after_start_token_and_are_the_only_trainable_part():
     out.sum().backward()
     assert encoder.contexts.grad is not None and encoder.contexts.grad.abs().sum() > 0
 
-    # Same result when the contexts are written into the token embeddings by hand.
+    # Same result as running the K full sequences [start, contexts, name, end, pad] through the
+    # transformer (encode() shares the start-and-contexts prefix between classes).
     with torch.no_grad():
         x = encoder.token_embedding(encoder.token_ids)
         x = torch.cat([x[:, :1], encoder.contexts.expand(4, -1, -1), x[:, 1:]], dim=1)
@@ -68,7 +69,7 @@ def test_contexts_sit_after_start_token_and_are_the_only_trainable_part():
 def test_eval_cache_runs_transformer_once_and_follows_changes():
     encoder = tiny_encoder().eval()
     runs = []
-    encoder.transformer.register_forward_hook(lambda *args: runs.append(1))
+    encoder.token_embedding.register_forward_hook(lambda *args: runs.append(1))  # once per encode
     first = encoder()
     for _ in range(3):
         assert encoder() is first
@@ -92,6 +93,6 @@ def test_eval_cache_runs_transformer_once_and_follows_changes():
 def test_cache_can_be_disabled():
     encoder = tiny_encoder(cache_in_eval=False).eval()
     runs = []
-    encoder.transformer.register_forward_hook(lambda *args: runs.append(1))
+    encoder.token_embedding.register_forward_hook(lambda *args: runs.append(1))  # once per encode
     torch.testing.assert_close(encoder(), encoder())
     assert len(runs) == 2

@@ -105,19 +105,36 @@ class ContextTextEncoder(TextTransformer):
         return len(self.class_names)
 
     def encode(self) -> torch.Tensor:
-        """Run the transformer: K x D class embeddings (float32, autocast off)."""
+        """
+        Run the transformer: K x D class embeddings (float32, autocast off).
+
+        The first 1 + M positions (start token and contexts) are the same for every class, and the
+        causal mask keeps them from seeing the class tokens; so they are computed once, and only
+        the class positions run per class, attending to the shared prefix. Same result as running
+        the K full sequences, with about 1 / 3 of the work for COCO's prompts.
+        """
         tokens = self.token_ids
         with torch.autocast(tokens.device.type, enabled=False):
-            x = self.token_embedding(tokens)  # K x P x W
+            embeddings = self.token_embedding(tokens)  # K x P x W
+            num_classes, shared = embeddings.shape[0], 1 + self.num_context
+            prefix = embeddings[:1, :1]
             if self.contexts is not None:
-                contexts = self.contexts.expand(x.shape[0], -1, -1).to(x.dtype)
-                x = torch.cat([x[:, :1], contexts, x[:, 1:]], dim=1)
-            x = x + self.positional_embedding.to(x.dtype)
-            x = self.transformer(x, attn_mask=self.attn_mask)
-            x = self.ln_final(x)
-            # The end token has the largest id; the contexts shift its position by num_context.
-            end = tokens.argmax(dim=-1) + self.num_context
-            x = x[torch.arange(x.shape[0], device=x.device), end]
+                prefix = torch.cat([prefix, self.contexts[None].to(prefix.dtype)], dim=1)
+            prefix = prefix + self.positional_embedding[:shared]  # 1 x (1 + M) x W
+            suffix = embeddings[:, 1:] + self.positional_embedding[shared:]  # K x (P - 1) x W
+            mask = self.attn_mask
+            for block in self.transformer.resblocks:
+                # open_clip's ResidualAttentionBlock, with the class positions as queries.
+                keys = block.ln_1(torch.cat([prefix.expand(num_classes, -1, -1), suffix], dim=1))
+                suffix = suffix + block.ls_1(
+                    block.attention(q_x=keys[:, shared:], k_x=keys, v_x=keys, attn_mask=mask[shared:])
+                )
+                suffix = suffix + block.ls_2(block.mlp(block.ln_2(suffix)))
+                prefix = block(prefix, attn_mask=mask[:shared, :shared])
+            x = self.ln_final(suffix)
+            # The end token has the largest id; it sits at its token position - 1 in the suffix.
+            end = tokens.argmax(dim=-1) - 1
+            x = x[torch.arange(num_classes, device=x.device), end]
             return x @ self.text_projection
 
     def _cache_key(self):
