@@ -37,7 +37,7 @@ from denseclip import get_denseclip_cfg
 from denseclip.solver import build_optimizer
 
 TARGETS = {"inference": 1.10, "train": 1.25}
-DEFAULT_SIZES = {"inference": (800, 1333), "train": (320, 320)}
+DEFAULT_SIZES = {"inference": (800, 1333), "train": (512, 512)}
 STOCK_META_ARCHITECTURES = {"DenseCLIPRCNN": "GeneralizedRCNN", "DenseCLIPRetinaNet": "RetinaNet"}
 
 
@@ -50,7 +50,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs of each model first")
     parser.add_argument(
         "--input-size", nargs=2, type=int, metavar=("H", "W"),
-        help="image size (default 800 1333 for inference, 320 320 for train)",
+        help="image size (default 800 1333 for inference, 512 512 for train)",
     )
     parser.add_argument("--batch-size", type=int, default=2, help="images per training step")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
