@@ -12,11 +12,15 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 __all__ = ["draw_instances", "score_map_to_image", "score_map_panel"]
 
 
-def draw_instances(image_rgb: np.ndarray, instances, metadata, score_threshold: float = 0.5) -> np.ndarray:
-    """H x W x 3 RGB image with the instances above ``score_threshold`` drawn on it."""
+def draw_instances(
+    image_rgb: np.ndarray, instances, metadata, score_threshold: float = 0.5, min_side: int = 512
+) -> np.ndarray:
+    """RGB image with the instances above ``score_threshold`` drawn on it, enlarged so that its
+    shorter side is at least ``min_side`` (labels stay legible on small images)."""
     instances = instances.to("cpu")
     instances = instances[instances.scores >= score_threshold]
-    visualizer = Visualizer(image_rgb, metadata, instance_mode=ColorMode.IMAGE)
+    scale = max(1.0, min_side / min(image_rgb.shape[:2]))
+    visualizer = Visualizer(image_rgb, metadata, scale=scale, instance_mode=ColorMode.IMAGE)
     return visualizer.draw_instance_predictions(instances).get_image()
 
 

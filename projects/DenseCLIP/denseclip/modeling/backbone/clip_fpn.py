@@ -92,10 +92,6 @@ class CLIPFPN(FPN):
         """The prompt classes, or None for the plain CLIP baseline."""
         return getattr(self.bottom_up, "class_names", None)
 
-    @property
-    def image_encoder(self) -> CLIPResNet:
-        return getattr(self.bottom_up, "image_encoder", self.bottom_up)
-
     def forward(self, x) -> Dict[str, torch.Tensor]:
         if self.class_names is None:  # the plain CLIP baseline
             return super().forward(x)
