@@ -102,8 +102,9 @@ def main(args) -> dict:
     print("  model_final.pth   the trained weights (train_net.py --eval-only / demo/demo.py take them)")
     print("  results.json      the AP table above")
     if folder:
-        print(f"  pictures/         *_predictions.png (detections and masks), *_score_maps.png (each class's")
-        print("                    pixel-text score map as a heatmap beside the image)")
+        print("  pictures/         *_predictions.png (detections and masks), *_score_maps.png (each class's")
+        print("                    pixel-text score map as a heatmap beside the image; from random CLIP")
+        print("                    weights they stay nearly flat in so short a run, see README.md)")
     return summary
 
 
