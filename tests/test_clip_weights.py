@@ -46,7 +46,7 @@ def test_global_embedding_matches_open_clip_encode_image(open_clip_rn50, loaded_
     image = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = open_clip_rn50.encode_image(image)
-        encoder = loaded_rn50["torchscript"].image_encoder
+        encoder = loaded_rn50["torchscript"].bottom_up.image_encoder
         global_embedding, dense = encoder.attention_pool(encoder(image)["res5"])
     assert dense.shape == (2, 1024, 7, 7)
     scale = expected.abs().max().item()
@@ -64,7 +64,7 @@ def test_positional_grid_interpolated_to_configured_resolution(open_clip_rn50, r
     backbone = rn50_backbone(input_resolution=1344)
     with caplog.at_level("INFO"):
         DenseCLIPCheckpointer(backbone).load(rn50_checkpoints["state_dict"])
-    grid = backbone.image_encoder.attnpool.positional_embedding
+    grid = backbone.bottom_up.image_encoder.attnpool.positional_embedding
     assert grid.shape == (42 * 42 + 1, 2048)
     torch.testing.assert_close(grid[0], open_clip_rn50.visual.attnpool.positional_embedding[0])
     assert "interpolated 7x7 -> 42x42" in caplog.text
