@@ -46,3 +46,26 @@ def test_demo_on_a_folder_with_score_maps(quickstart_run, tmp_path):
     assert result.returncode == 0, result.stdout[-4000:]
     written = sorted(os.listdir(out))
     assert written == [f"0000{i}{suffix}.png" for i in range(3) for suffix in ("", "_score_maps")]
+
+
+def test_demo_on_a_video(quickstart_run, tmp_path):
+    import cv2
+
+    output_dir, _ = quickstart_run
+    frames = sorted(os.listdir(os.path.join(os.path.dirname(output_dir), "datasets", "shapes", "val")))[:3]
+    video = str(tmp_path / "clip.mp4")
+    writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"mp4v"), 5, (128, 128))
+    for name in frames:
+        writer.write(cv2.imread(os.path.join(os.path.dirname(output_dir), "datasets", "shapes", "val", name)))
+    writer.release()
+    out = str(tmp_path / "out.mp4")
+    result = run_script([
+        "demo/demo.py", "--config-file", "configs/Shapes-InstanceSegmentation/mask_rcnn_denseclip_tiny_FPN.yaml",
+        "--video-input", video, "--output", out,
+        "--opts", "MODEL.WEIGHTS", os.path.join(output_dir, "model_final.pth"),
+    ])
+    assert result.returncode == 0, result.stdout[-4000:]
+    written = cv2.VideoCapture(out)
+    assert int(written.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+    ok, frame = written.read()
+    assert ok and frame.shape[:2] == (512, 512)  # drawn enlarged, like the pictures

@@ -16,26 +16,19 @@ from ..checkpoint import DenseCLIPCheckpointer
 from ..data import DenseCLIPDatasetMapper
 from ..solver import build_optimizer
 
-__all__ = ["DenseCLIPTrainer", "check_class_count", "head_num_classes"]
-
-
-def head_num_classes(cfg) -> int:
-    """The class count of the detector head the config builds."""
-    if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE:
-        return cfg.MODEL.RETINANET.NUM_CLASSES
-    return cfg.MODEL.ROI_HEADS.NUM_CLASSES
+__all__ = ["DenseCLIPTrainer", "check_class_count"]
 
 
 def check_class_count(cfg) -> None:
     """Every configured dataset must have as many classes as the detector head."""
-    expected = head_num_classes(cfg)
-    key = "MODEL.RETINANET.NUM_CLASSES" if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE else "MODEL.ROI_HEADS.NUM_CLASSES"
+    head = "RETINANET" if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE else "ROI_HEADS"
+    expected = cfg.MODEL[head].NUM_CLASSES
     for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
         classes = MetadataCatalog.get(name).get("thing_classes", None)
         if classes is not None and len(classes) != expected:
             raise ValueError(
-                f"Dataset {name!r} has {len(classes)} classes but {key} is {expected}. "
-                f"Set {key} {len(classes)} (on the command line or in the config)."
+                f"Dataset {name!r} has {len(classes)} classes but MODEL.{head}.NUM_CLASSES is {expected}. "
+                f"Set MODEL.{head}.NUM_CLASSES {len(classes)} (on the command line or in the config)."
             )
 
 
