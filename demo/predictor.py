@@ -7,7 +7,7 @@ import numpy as np
 from detectron2.data import MetadataCatalog
 
 from denseclip.engine import DenseCLIPPredictor
-from denseclip.utils.visualization import draw_instances, score_map_panel
+from denseclip.utils.visualization import render_prediction
 
 
 class VisualizationDemo:
@@ -24,12 +24,11 @@ class VisualizationDemo:
     def run_on_image(self, image_bgr: np.ndarray) -> Tuple[dict, np.ndarray, Optional[np.ndarray]]:
         """Returns predictions, the BGR overlay, and (with score maps) the BGR heatmap panel."""
         predictions, probabilities = self.predictor.predict_with_score_maps(image_bgr)
-        image_rgb = image_bgr[:, :, ::-1]
-        overlay = draw_instances(image_rgb, predictions["instances"], self.metadata, self.confidence_threshold)
-        panel = None
-        if self.score_maps:
-            panel = score_map_panel(image_rgb, probabilities, self.class_names)[:, :, ::-1]
-        return predictions, overlay[:, :, ::-1], panel
+        overlay, panel = render_prediction(
+            image_bgr, predictions, probabilities if self.score_maps else None, self.metadata,
+            self.class_names, self.confidence_threshold,
+        )
+        return predictions, overlay, panel
 
     def run_on_video(self, video: cv2.VideoCapture) -> Iterator[np.ndarray]:
         """BGR overlays of each frame (with the score-map panel below it when requested)."""

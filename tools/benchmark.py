@@ -34,6 +34,7 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from denseclip import get_denseclip_cfg
+from denseclip.engine import head_num_classes
 from denseclip.solver import build_optimizer
 
 TARGETS = {"inference": 1.10, "train": 1.25}
@@ -148,11 +149,6 @@ def training_batch(batch_size: int, height: int, width: int, num_classes: int, b
     return batch
 
 
-def num_classes(cfg) -> int:
-    retinanet = "RetinaNet" in cfg.MODEL.META_ARCHITECTURE
-    return cfg.MODEL.RETINANET.NUM_CLASSES if retinanet else cfg.MODEL.ROI_HEADS.NUM_CLASSES
-
-
 def _synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -216,7 +212,7 @@ def training_step(cfg, model, batch) -> Callable[[], None]:
 
 
 def benchmark_train(args, cfgs, models) -> dict:
-    batch = training_batch(args.batch_size, *args.input_size, num_classes(cfgs["denseclip"]))
+    batch = training_batch(args.batch_size, *args.input_size, head_num_classes(cfgs["denseclip"]))
     steps = {name: training_step(cfgs[name], models[name], batch) for name in models}
     with EventStorage(0):
         medians, times = interleaved_medians(steps, args.warmup, args.iterations, args.device)
@@ -269,7 +265,8 @@ def memory_of_training(args) -> float:
     config_file, opts = (args.config_file, args.opts) if name == "denseclip" else (baseline_file, args.opts + baseline_opts)
     cfg = load_cfg(config_file, opts, args.device)
     torch.manual_seed(0)
-    step = training_step(cfg, build_model(cfg), training_batch(args.batch_size, *args.input_size, num_classes(cfg)))
+    batch = training_batch(args.batch_size, *args.input_size, head_num_classes(cfg))
+    step = training_step(cfg, build_model(cfg), batch)
     cuda = args.device.startswith("cuda")
     before = _reset_peak_memory(cuda)
     with EventStorage(0):

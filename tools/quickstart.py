@@ -21,7 +21,7 @@ from detectron2.utils.logger import setup_logger
 from denseclip import get_denseclip_cfg
 from denseclip.data.datasets.shapes import ensure_shapes_dataset
 from denseclip.engine import DenseCLIPPredictor, DenseCLIPTrainer
-from denseclip.utils.visualization import draw_instances, score_map_panel
+from denseclip.utils.visualization import render_prediction
 
 DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -58,12 +58,12 @@ def write_pictures(cfg, num_pictures: int) -> str:
     for record in DatasetCatalog.get(dataset)[:num_pictures]:
         image_bgr = cv2.imread(record["file_name"])
         predictions, probabilities = predictor.predict_with_score_maps(image_bgr)
-        image_rgb = image_bgr[:, :, ::-1]
+        overlay, panel = render_prediction(
+            image_bgr, predictions, probabilities, metadata, predictor.model.backbone.class_names
+        )
         stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
-        drawn = draw_instances(image_rgb, predictions["instances"], metadata)
-        cv2.imwrite(os.path.join(folder, f"{stem}_predictions.png"), drawn[:, :, ::-1])
-        panel = score_map_panel(image_rgb, probabilities, metadata.thing_classes)
-        cv2.imwrite(os.path.join(folder, f"{stem}_score_maps.png"), panel[:, :, ::-1])
+        cv2.imwrite(os.path.join(folder, f"{stem}_predictions.png"), overlay)
+        cv2.imwrite(os.path.join(folder, f"{stem}_score_maps.png"), panel)
     return folder
 
 

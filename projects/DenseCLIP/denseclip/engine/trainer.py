@@ -16,13 +16,21 @@ from ..checkpoint import DenseCLIPCheckpointer
 from ..data import DenseCLIPDatasetMapper
 from ..solver import build_optimizer
 
-__all__ = ["DenseCLIPTrainer", "check_class_count"]
+__all__ = ["DenseCLIPTrainer", "check_class_count", "head_num_classes"]
+
+
+def _head(cfg) -> str:
+    """The config node under MODEL that holds the detector head's NUM_CLASSES."""
+    return "RETINANET" if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE else "ROI_HEADS"
+
+
+def head_num_classes(cfg) -> int:
+    return cfg.MODEL[_head(cfg)].NUM_CLASSES
 
 
 def check_class_count(cfg) -> None:
     """Every configured dataset must have as many classes as the detector head."""
-    head = "RETINANET" if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE else "ROI_HEADS"
-    expected = cfg.MODEL[head].NUM_CLASSES
+    head, expected = _head(cfg), head_num_classes(cfg)
     for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
         classes = MetadataCatalog.get(name).get("thing_classes", None)
         if classes is not None and len(classes) != expected:

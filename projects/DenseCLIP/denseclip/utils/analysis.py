@@ -408,7 +408,7 @@ def count_inference_flops(model: nn.Module, batched_inputs: List[dict]) -> FlopC
     The text encoder is traced only if it does not cache its output (or its cache is empty).
     """
     if model.training:
-        # Not switched here: eval() would also empty the text encoders' caches.
+        # Not switched here: the caller owns the mode (and the text caches it fills in eval mode).
         raise ValueError("Count flops of a model in eval mode")
     if isinstance(model, GeneralizedRCNN):
         return count_rcnn_flops(model, batched_inputs)

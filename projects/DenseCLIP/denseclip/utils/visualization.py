@@ -1,6 +1,6 @@
 """Pictures of what DenseCLIP predicts: detections drawn with Detectron2's Visualizer, and each class's
 pixel-text score map as a heatmap beside its image."""
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-__all__ = ["draw_instances", "score_map_to_image", "score_map_panel"]
+__all__ = ["draw_instances", "render_prediction", "score_map_to_image", "score_map_panel"]
 
 
 def draw_instances(
@@ -87,3 +87,22 @@ def score_map_panel(
     return np.concatenate(
         [np.concatenate(tiles[r * columns : (r + 1) * columns], axis=1) for r in range(rows)], axis=0
     )
+
+
+def render_prediction(
+    image_bgr: np.ndarray,
+    predictions: dict,
+    probabilities: Optional[torch.Tensor],
+    metadata,
+    class_names: Sequence[str],
+    score_threshold: float = 0.5,
+) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """
+    BGR pictures of one prediction (what DenseCLIPPredictor.predict_with_score_maps returns): the
+    detections drawn on the image, and the score-map panel (None without ``probabilities``).
+    """
+    image_rgb = image_bgr[:, :, ::-1]
+    overlay = draw_instances(image_rgb, predictions["instances"], metadata, score_threshold)[:, :, ::-1]
+    if probabilities is None:
+        return overlay, None
+    return overlay, score_map_panel(image_rgb, probabilities, class_names)[:, :, ::-1]
