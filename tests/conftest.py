@@ -1,49 +1,51 @@
 """Shared fixtures: random-weight CLIP models built with open_clip, saved like real checkpoints."""
 import logging
 
-import open_clip
 import pytest
 import torch
+
+from helpers import build_open_clip, save_torchscript
 
 logging.getLogger("root").setLevel(logging.ERROR)  # open_clip's "no pretrained weights" notice
 
 
-def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """open_clip zero-initialises each block's last BN; give every BN non-trivial values instead."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                n = module.num_features
-                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-    return model
+@pytest.fixture(scope="session")
+def open_clip_models():
+    """OpenAI's CLIP architectures (QuickGELU) with random weights, built once: {name: model}."""
+    cache = {}
 
+    def get(name: str):
+        if name not in cache:
+            cache[name] = build_open_clip(name)
+        return cache[name]
 
-def build_open_clip(name: str, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return randomize_batchnorm(open_clip.create_model(name, pretrained=None), seed).eval()
-
-
-def save_torchscript(model: torch.nn.Module, path) -> None:
-    """Save like OpenAI's released archives: a traced TorchScript module."""
-    image = torch.zeros(1, 3, 224, 224)
-    text = open_clip.get_tokenizer("RN50")(["a photo"])
-    torch.jit.trace(model, (image, text), check_trace=False).save(str(path))
+    return get
 
 
 @pytest.fixture(scope="session")
-def open_clip_rn50():
-    return build_open_clip("RN50")
+def open_clip_rn50(open_clip_models):
+    return open_clip_models("RN50-quickgelu")
 
 
 @pytest.fixture(scope="session")
-def rn50_checkpoints(open_clip_rn50, tmp_path_factory):
-    """The same random RN50 saved as an OpenAI-style TorchScript archive and as a state dict."""
-    folder = tmp_path_factory.mktemp("clip_rn50")
-    torchscript, state_dict = folder / "RN50.pt", folder / "RN50_open_clip.bin"
-    save_torchscript(open_clip_rn50, torchscript)
-    torch.save(open_clip_rn50.state_dict(), state_dict)
-    return {"torchscript": str(torchscript), "state_dict": str(state_dict)}
+def clip_checkpoints(open_clip_models, tmp_path_factory):
+    """A random CLIP model saved as an OpenAI-style TorchScript archive and as an open_clip state dict:
+    {"torchscript": path, "state_dict": path}, built once per model name."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            model = open_clip_models(name)
+            folder = tmp_path_factory.mktemp(name)
+            torchscript, state_dict = folder / f"{name}.pt", folder / f"{name}_open_clip.bin"
+            save_torchscript(model, torchscript)
+            torch.save(model.state_dict(), state_dict)
+            cache[name] = {"torchscript": str(torchscript), "state_dict": str(state_dict)}
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def rn50_checkpoints(clip_checkpoints):
+    return clip_checkpoints("RN50-quickgelu")

@@ -6,13 +6,38 @@ from detectron2.config import get_cfg
 
 from denseclip import add_denseclip_config
 
+
+def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """open_clip zero-initialises each block's last BN; give every BN non-trivial values instead."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                n = module.num_features
+                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+    return model
+
+
+def build_open_clip(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return randomize_batchnorm(open_clip.create_model(name, pretrained=None), seed).eval()
+
+
+def save_torchscript(model: torch.nn.Module, path) -> None:
+    """Save like OpenAI's released archives: a traced TorchScript module."""
+    image = torch.zeros(1, 3, 224, 224)
+    text = open_clip.get_tokenizer("RN50")(["a photo"])
+    torch.jit.trace(model, (image, text), check_trace=False).save(str(path))
+
+
 TINY_CLIP = dict(layers=[1, 1, 1, 1], width=8, embed_dim=32, text_width=32, text_heads=2, text_layers=1)
 
 
 def tiny_open_clip(seed: int = 0, layers=None) -> torch.nn.Module:
-    """A CLIP-shaped open_clip model small enough for unit tests (random weights)."""
-    from conftest import randomize_batchnorm
-
+    """A CLIP-shaped open_clip model (QuickGELU, as OpenAI's) small enough for unit tests (random weights)."""
     torch.manual_seed(seed)
     model = open_clip.model.CLIP(
         embed_dim=TINY_CLIP["embed_dim"],
@@ -24,6 +49,7 @@ def tiny_open_clip(seed: int = 0, layers=None) -> torch.nn.Module:
             heads=TINY_CLIP["text_heads"],
             layers=TINY_CLIP["text_layers"],
         ),
+        quick_gelu=True,
     )
     return randomize_batchnorm(model, seed).eval()
 

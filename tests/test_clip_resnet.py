@@ -9,6 +9,8 @@ from detectron2.layers import FrozenBatchNorm2d
 from denseclip.modeling import CLIPResNet
 from denseclip.modeling.backbone.clip_resnet import resize_positional_grid
 
+from helpers import tiny_detector_cfg
+
 
 def tiny_resnet(**kwargs):
     torch.manual_seed(0)
@@ -130,3 +132,23 @@ def test_full_size_shapes_and_parameter_counts(layers, embed_dim, trunk_millions
     with torch.no_grad():
         features = model.eval()(torch.zeros(1, 3, 64, 96))
     assert features["res5"].shape == (1, 2048, 2, 3)
+
+
+def test_coco_configs_train_synchronised_batchnorm():
+    """The release converts the image encoder's BatchNorm to SyncBN and trains it: torch's
+    SyncBatchNorm on GPUs; on CPU, where it has no kernel, Detectron2's NaiveSyncBatchNorm (gloo)."""
+    from detectron2.layers import NaiveSyncBatchNorm
+
+    from denseclip.modeling.backbone.clip_resnet import clip_norm
+
+    cfg = tiny_detector_cfg("mask_rcnn")
+    assert cfg.MODEL.CLIP.NORM == "SyncBN" and clip_norm(cfg) == "naiveSyncBN"
+    cfg.MODEL.DEVICE = "cuda"
+    assert clip_norm(cfg) == "SyncBN"
+    model = CLIPResNet([1, 1, 1, 1], width=8, embed_dim=32, input_resolution=64, norm="SyncBN")
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(type(m) is torch.nn.SyncBatchNorm for m in norms)
+    model = CLIPResNet([1, 1, 1, 1], width=8, embed_dim=32, input_resolution=64, norm="naiveSyncBN")
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(type(m) is NaiveSyncBatchNorm for m in norms)
+    assert all(m.weight.requires_grad for m in norms)

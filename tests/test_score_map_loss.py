@@ -23,24 +23,59 @@ def bce(logit, target):
     return -(target * math.log(p) + (1 - target) * math.log(1 - p))
 
 
-def test_targets_by_hand():
-    # 32 x 32 image, stride 4 -> 8 x 8 cells; a box touches every cell it overlaps.
-    inst = instances([[0, 0, 8, 8], [6, 6, 9, 9]], [1, 0])
-    targets, covered = score_map_targets([inst], num_classes=2, height=8, width=8, stride=4)
+def release_cells(box, height, width, stride=4):
+    """The release's rule, written down: cells floor(x1/s) .. floor(x2/s) - 1 (likewise y), each bound
+    clamped to 0 .. size - 1 first."""
+    x1, y1, x2, y2 = (int(math.floor(v / stride)) for v in box)
+    x1, x2 = (min(max(v, 0), width - 1) for v in (x1, x2))
+    y1, y2 = (min(max(v, 0), height - 1) for v in (y1, y2))
+    return {(y, x) for y in range(y1, y2) for x in range(x1, x2)}
+
+
+def cells_of(targets):
+    return {tuple(i) for i in targets.nonzero().tolist()}
+
+
+@pytest.mark.parametrize(
+    "box",
+    [
+        [0, 0, 8, 8],  # aligned with the grid: cells 0..1
+        [5, 5, 7, 7],  # inside one cell: covers none
+        [3, 1, 9, 6],  # spanning cells, unaligned
+        [6.5, 2.2, 13.9, 30.1],  # fractional corners
+        [20, 24, 32, 32],  # at the right and bottom border: the last row and column are clamped out
+        [0, 0, 32, 32],  # the whole image
+        [29, 0, 32, 3],  # in the corner cell
+    ],
+)
+def test_box_targets_follow_the_release_rule(box):
+    inst = instances([box], [1])
+    targets, covered = score_map_targets([inst], num_classes=2, height=8, width=8, stride=4, target="box")
+    expected = release_cells(box, 8, 8)
+    assert cells_of(targets[0, 1]) == expected
+    assert cells_of(targets[0, 0]) == set()
+    assert cells_of(covered[0, 0]) == expected
+
+
+def test_box_overlap_targets_cover_every_overlapped_cell():
+    # 32 x 32 image, stride 4 -> 8 x 8 cells.
+    inst = instances([[0, 0, 8, 8], [6, 6, 9, 9], [5, 5, 7, 7]], [1, 0, 0])
+    targets, covered = score_map_targets([inst], num_classes=2, height=8, width=8, stride=4, target="box_overlap")
     class1 = {(0, 0), (0, 1), (1, 0), (1, 1)}
-    class0 = {(1, 1), (1, 2), (2, 1), (2, 2)}
-    assert {tuple(i) for i in targets[0, 1].nonzero().tolist()} == class1
-    assert {tuple(i) for i in targets[0, 0].nonzero().tolist()} == class0
-    assert {tuple(i) for i in covered[0, 0].nonzero().tolist()} == class0 | class1
+    class0 = {(1, 1), (1, 2), (2, 1), (2, 2)}  # the box inside cell (1, 1) is kept
+    assert cells_of(targets[0, 1]) == class1
+    assert cells_of(targets[0, 0]) == class0
+    assert cells_of(covered[0, 0]) == class0 | class1
 
 
 def test_loss_by_hand_and_empty_image_contributes_nothing():
-    # Image 0: constant logits a (class 0), b (class 1) on 7 covered cells; image 1 has no boxes.
+    # Image 0: constant logits a (class 0), b (class 1); class 1 covers 2 x 2 cells, class 0 covers
+    # 3 x 2 (rows 1-3, columns 1-2), one cell shared, so 9 cells count; image 1 has no boxes.
     a, b = 0.5, -1.0
     score_map = torch.tensor([a, b, 3.0, -3.0]).view(2, 2, 1, 1).requires_grad_()
-    batch = [instances([[0, 0, 8, 8], [6, 6, 9, 9]], [1, 0]), instances([], [])]
+    batch = [instances([[0, 0, 8, 8], [4, 4, 12, 16]], [1, 0]), instances([], [])]
     loss = ScoreMapLoss(weight=2.0, stride=4)(score_map, batch, image_size=(32, 32))
-    expected = (4 * bce(a, 1) + 3 * bce(a, 0) + 4 * bce(b, 1) + 3 * bce(b, 0)) / 14
+    expected = (6 * bce(a, 1) + 3 * bce(a, 0) + 4 * bce(b, 1) + 5 * bce(b, 0)) / 18
     assert loss.item() == pytest.approx(2.0 * expected, rel=1e-6)
     loss.backward()
     assert torch.all(score_map.grad[1] == 0)  # the empty image gets no gradient
@@ -58,8 +93,8 @@ def test_mask_targets_follow_the_mask_not_the_box():
     mask[0, 0:4, 0:4] = True  # top-left cell only
     mask[0, 28:32, 28:32] = True  # bottom-right cell only; the box spans the whole image
     inst = instances([[0, 0, 32, 32]], [0], masks=mask)
-    box_targets, _ = score_map_targets([inst], 1, 8, 8, 4, use_masks=False)
-    mask_targets, covered = score_map_targets([inst], 1, 8, 8, 4, use_masks=True)
-    assert box_targets.sum() == 64
+    box_targets, _ = score_map_targets([inst], 1, 8, 8, 4, target="box")
+    mask_targets, covered = score_map_targets([inst], 1, 8, 8, 4, target="mask")
+    assert box_targets.sum() == 49  # the release's rule clamps out the last row and column
     assert mask_targets.sum() == 2 and mask_targets[0, 0, 0, 0] == 1 and mask_targets[0, 0, 7, 7] == 1
     assert torch.equal(covered.float(), mask_targets)

@@ -39,9 +39,22 @@ def test_parameter_groups(model_and_optimizer):
     assert group_of(optimizer, bottom_up.score_map.gamma)["lr"] == pytest.approx(base)
     assert group_of(optimizer, model.backbone.fpn_lateral5.weight)["lr"] == pytest.approx(base)
 
-    norm = bottom_up.score_map.context_decoder.memory_proj[0].weight  # a LayerNorm
-    assert group_of(optimizer, norm)["weight_decay"] == 0.0
-    assert group_of(optimizer, model.backbone.fpn_lateral5.weight)["weight_decay"] == pytest.approx(1e-4)
+    # The release's rule: no weight decay exactly for parameters whose name contains "norm".
+    names = {p: n for n, p in model.named_parameters()}
+    decoder = bottom_up.score_map.context_decoder
+    image_encoder = bottom_up.image_encoder
+    for param, decayed in (
+        (decoder.layers[0].norm1.weight, False),
+        (decoder.layers[0].norm3.bias, False),
+        (decoder.memory_proj[0].weight, True),  # a LayerNorm, but named memory_proj.0
+        (image_encoder.bn1.weight, True),  # the trained (Sync)BatchNorm, named bn1
+        (image_encoder.layer1[0].bn3.bias, True),
+        (model.backbone.fpn_lateral5.weight, True),
+        (text.contexts, True),
+        (bottom_up.score_map.gamma, True),
+    ):
+        assert ("norm" not in names[param]) == decayed
+        assert group_of(optimizer, param)["weight_decay"] == pytest.approx(1e-4 if decayed else 0.0), names[param]
 
 
 def test_one_step_trains_contexts_and_gamma_but_not_the_text_encoder(model_and_optimizer):

@@ -1,9 +1,15 @@
+import math
+
 import open_clip
 import pytest
 import torch
 
-from denseclip.checkpoint import as_clip_state_dict, load_clip_weights
-from denseclip.modeling import ContextTextEncoder, tokenize_class_names
+from detectron2.layers import ShapeSpec
+
+from denseclip.checkpoint import DenseCLIPCheckpointer, as_clip_state_dict, load_clip_weights
+from denseclip.modeling import ContextTextEncoder, build_clip_fpn_backbone, tokenize_class_names
+
+from helpers import tiny_cfg
 
 NAMES = ["person", "traffic light", "hair drier", "dog"]
 
@@ -29,15 +35,64 @@ def test_name_too_long_for_prompt_is_a_clear_error():
     assert "MODEL.DENSECLIP.PROMPT_LENGTH 7" in message
 
 
-def test_zero_context_matches_open_clip_encode_text(open_clip_rn50):
-    encoder = ContextTextEncoder(NAMES, embed_dim=1024, num_context=0).eval()
-    load_clip_weights(torch.nn.ModuleDict({"text": encoder, "image": _rn50_image_encoder()}),
-                      as_clip_state_dict(open_clip_rn50.state_dict()))
+OPENAI_TEXT = {"RN50-quickgelu": 1024, "RN101-quickgelu": 512}  # embedding size of each
+
+
+def relative_error(actual, expected) -> float:
+    """Largest difference over largest value."""
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", sorted(OPENAI_TEXT))
+@pytest.mark.parametrize("file_format", ["torchscript", "state_dict"])
+def test_text_encoder_equals_openai_clip_through_model_weights(name, file_format, open_clip_models, clip_checkpoints):
+    """With no contexts and CLIP's 77 positions, the text encoder is CLIP's own: loaded through
+    MODEL.WEIGHTS from an OpenAI-style TorchScript archive or an open_clip state dict, it gives
+    open_clip's encode_text of OpenAI's architecture (QuickGELU)."""
+    cfg = tiny_cfg(class_names=NAMES)
+    cfg.MODEL.CLIP.LAYERS = [3, 4, 23, 3] if "RN101" in name else [3, 4, 6, 3]
+    cfg.MODEL.CLIP.WIDTH, cfg.MODEL.CLIP.EMBED_DIM, cfg.MODEL.CLIP.INPUT_RESOLUTION = 64, OPENAI_TEXT[name], 224
+    cfg.MODEL.CLIP.TEXT.WIDTH, cfg.MODEL.CLIP.TEXT.HEADS, cfg.MODEL.CLIP.TEXT.LAYERS = 512, 8, 12
+    cfg.MODEL.DENSECLIP.PROMPT_LENGTH, cfg.MODEL.DENSECLIP.NUM_CONTEXT = 77, 0
+    backbone = build_clip_fpn_backbone(cfg, ShapeSpec(channels=3)).eval()
+    DenseCLIPCheckpointer(backbone).load(clip_checkpoints(name)[file_format])
+    text_encoder = next(m for m in backbone.modules() if isinstance(m, ContextTextEncoder))
+    assert text_encoder.activation == "QuickGELU"
     with torch.no_grad():
-        expected = open_clip_rn50.encode_text(open_clip.get_tokenizer("RN50")(NAMES))
-        actual = encoder()
-    assert actual.shape == (4, 1024)
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+        expected = open_clip_models(name).encode_text(open_clip.get_tokenizer(name)(NAMES))
+        actual = text_encoder()
+    assert actual.shape == (len(NAMES), OPENAI_TEXT[name])
+    assert relative_error(actual, expected) <= 1e-5
+
+
+def test_gelu_text_encoder_is_another_function(open_clip_models):
+    """The activation matters: the same weights with GELU (open_clip's plain "RN50") give other embeddings."""
+    clip = open_clip_models("RN50-quickgelu")
+    encoders = {}
+    for activation in ("QuickGELU", "GELU"):
+        encoders[activation] = ContextTextEncoder(
+            NAMES, embed_dim=1024, prompt_length=77, num_context=0, activation=activation
+        ).eval()
+        load_clip_weights(torch.nn.ModuleDict({"text": encoders[activation], "image": _rn50_image_encoder()}),
+                          as_clip_state_dict(clip.state_dict()))
+    with torch.no_grad():
+        expected = clip.encode_text(open_clip.get_tokenizer("RN50")(NAMES))
+        assert relative_error(encoders["QuickGELU"](), expected) <= 1e-5
+        assert relative_error(encoders["GELU"](), expected) > 1e-3
+
+
+def test_contexts_start_as_the_release_does():
+    """The release's rule: torch's trunc_normal_ defaults, mean 0, std 1, cut at -2 and 2."""
+    torch.manual_seed(0)
+    contexts = ContextTextEncoder(NAMES, embed_dim=32, width=512, heads=2, layers=1, num_context=8).contexts
+    assert contexts.shape == (8, 512)
+    assert contexts.abs().max().item() <= 2.0
+    assert contexts.abs().max().item() > 1.9  # the cut is reached, nothing is rescaled
+    # Standard deviation of a unit normal truncated at +-2: sqrt(1 - 4 phi(2) / (2 Phi(2) - 1)).
+    phi2 = math.exp(-2) / math.sqrt(2 * math.pi)
+    expected_std = math.sqrt(1 - 4 * phi2 / math.erf(2 / math.sqrt(2)))
+    assert contexts.std().item() == pytest.approx(expected_std, rel=0.03)
+    assert abs(contexts.mean().item()) < 0.05
 
 
 def _rn50_image_encoder():

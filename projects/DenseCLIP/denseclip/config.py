@@ -19,12 +19,17 @@ def add_denseclip_config(cfg):
     cfg.MODEL.CLIP.EMBED_DIM = 1024
     # Input resolution the attention pool's positional grid is built for (1344 -> 42 x 42 grid).
     cfg.MODEL.CLIP.INPUT_RESOLUTION = 1344
-    # Normalisation of the image encoder: "FrozenBN" (CLIP's statistics, fixed), "BN" or "SyncBN".
-    cfg.MODEL.CLIP.NORM = "FrozenBN"
+    # Normalisation of the image encoder: "SyncBN" (trained and synchronised across processes, as the
+    # release trains; torch's SyncBatchNorm on GPUs, Detectron2's NaiveSyncBatchNorm on CPU), "BN",
+    # or "FrozenBN" (CLIP's statistics and affine parameters kept fixed).
+    cfg.MODEL.CLIP.NORM = "SyncBN"
     # Freeze the stem (1) and stages res2.. (2..5) like MODEL.BACKBONE.FREEZE_AT; 0 trains all.
     cfg.MODEL.CLIP.FREEZE_AT = 0
     # Image-encoder features handed to the FPN.
     cfg.MODEL.CLIP.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Activation of CLIP's transformers: "QuickGELU" (every OpenAI CLIP model) or "GELU" (open_clip
+    # models trained without the "-quickgelu" suffix).
+    cfg.MODEL.CLIP.ACTIVATION = "QuickGELU"
 
     # CLIP text encoder (frozen transformer). Defaults are CLIP's, shared by RN50 and RN101.
     cfg.MODEL.CLIP.TEXT = CN()
@@ -64,9 +69,17 @@ def add_denseclip_config(cfg):
     cfg.MODEL.DENSECLIP.SCORE_MAP_LOSS.WEIGHT = 1.0
     # Stride of the target grid the score map is upsampled to (4 = res2, as in the release).
     cfg.MODEL.DENSECLIP.SCORE_MAP_LOSS.STRIDE = 4
-    # Build targets from instance masks instead of boxes when the dataset has masks (the release
-    # uses boxes, also for Mask R-CNN).
-    cfg.MODEL.DENSECLIP.SCORE_MAP_LOSS.USE_MASKS = False
+    # Which cells an object covers in the targets: "box", the release's rule (cells floor(x1/4) ..
+    # floor(x2/4) - 1, so a box inside one cell covers none; also for Mask R-CNN); "box_overlap",
+    # every cell the box overlaps; "mask", every cell the instance mask touches.
+    cfg.MODEL.DENSECLIP.SCORE_MAP_LOSS.TARGET = "box"
+
+    # ---------------------------------------------------------------------------------------------
+    # FPN addition.
+    # ---------------------------------------------------------------------------------------------
+    # RetinaNet's P7 = conv(relu(P6)) as in Detectron2 (True), or conv(P6) as in the release's
+    # MMDetection FPN (False).
+    cfg.MODEL.FPN.RELU_BEFORE_P7 = False
 
     # ---------------------------------------------------------------------------------------------
     # Own COCO-format data without code: an annotation JSON and the folder of its images per split.
@@ -86,6 +99,9 @@ def add_denseclip_config(cfg):
     cfg.SOLVER.OPTIMIZER = "SGD"
     # Learning-rate multiplier of the CLIP image encoder (its attention pool included).
     cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
+    # Parameters whose name contains one of these get no weight decay (the release: "norm", which
+    # its context decoder's LayerNorms match and the image encoder's BatchNorms, named bn*, do not).
+    cfg.SOLVER.NO_WEIGHT_DECAY_KEYS = []
 
 
 def get_denseclip_cfg(config_file: str = "", opts: Sequence[str] = ()) -> CN:

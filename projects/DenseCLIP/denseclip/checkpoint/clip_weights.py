@@ -111,12 +111,18 @@ class ClipLoadReport:
     resized: List[str] = field(default_factory=list)
     unused: List[str] = field(default_factory=list)
     not_from_clip: int = 0
+    text_activation: Optional[str] = None
 
     def summary(self, path: str) -> str:
         lines = [
             f"Loaded CLIP weights from {path}: {self.image_encoder_tensors} image-encoder tensors, "
             f"{self.text_encoder_tensors} text-encoder tensors."
         ]
+        if self.text_activation:
+            lines.append(
+                f"  Text encoder activation: {self.text_activation} (MODEL.CLIP.ACTIVATION; OpenAI's CLIP "
+                f"models use QuickGELU, open_clip models trained without '-quickgelu' use GELU)."
+            )
         lines += [f"  {note}" for note in self.resized]
         if self.unused:
             lines.append(f"  Not used by this model: {', '.join(self.unused)}.")
@@ -216,4 +222,5 @@ def load_clip_weights(model: nn.Module, state: Dict[str, torch.Tensor], path: st
     report.image_encoder_tensors = sum(k.startswith(image_prefix) for k in mapped)
     report.text_encoder_tensors = len(mapped) - report.image_encoder_tensors
     report.not_from_clip = len(own) - len(mapped)
+    report.text_activation = text_encoder.activation if text_encoder is not None else None
     return report

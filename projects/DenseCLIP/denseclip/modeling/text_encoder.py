@@ -3,10 +3,14 @@ from typing import List, Optional, Sequence
 
 import torch
 from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transformer import TextTransformer
+from open_clip.transformer import QuickGELU, TextTransformer
 from torch import nn
 
-__all__ = ["ContextTextEncoder", "tokenize_class_names"]
+__all__ = ["ContextTextEncoder", "tokenize_class_names", "ACTIVATIONS"]
+
+# MODEL.CLIP.ACTIVATION: every OpenAI CLIP model uses QuickGELU (x * sigmoid(1.702 x)); open_clip
+# models trained from scratch without the "-quickgelu" suffix use GELU.
+ACTIVATIONS = {"QuickGELU": QuickGELU, "GELU": nn.GELU}
 
 _TOKENIZER = None
 
@@ -76,8 +80,11 @@ class ContextTextEncoder(TextTransformer):
         vocab_size: int = 49408,
         prompt_length: int = 5,
         num_context: int = 8,
+        activation: str = "QuickGELU",
         cache_in_eval: bool = True,
     ):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"MODEL.CLIP.ACTIVATION must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         super().__init__(
             context_length=prompt_length + num_context,
             vocab_size=vocab_size,
@@ -85,7 +92,9 @@ class ContextTextEncoder(TextTransformer):
             heads=heads,
             layers=layers,
             output_dim=embed_dim,
+            act_layer=ACTIVATIONS[activation],
         )
+        self.activation = activation
         self.class_names: List[str] = list(class_names)
         self.num_context = num_context
         self.register_buffer(
@@ -94,7 +103,7 @@ class ContextTextEncoder(TextTransformer):
         self.requires_grad_(False)  # CLIP's text encoder stays frozen; only the contexts learn.
         if num_context > 0:
             self.contexts = nn.Parameter(torch.empty(num_context, width))
-            nn.init.trunc_normal_(self.contexts, std=0.02)
+            nn.init.trunc_normal_(self.contexts)  # the release's start: std 1, cut at +-2
         else:
             self.contexts = None
         self.cache_in_eval = cache_in_eval
@@ -171,5 +180,6 @@ def text_encoder_from_config(cfg, class_names: Sequence[str], embed_dim: Optiona
         vocab_size=text.VOCAB_SIZE,
         prompt_length=cfg.MODEL.DENSECLIP.PROMPT_LENGTH,
         num_context=cfg.MODEL.DENSECLIP.NUM_CONTEXT,
+        activation=cfg.MODEL.CLIP.ACTIVATION,
         cache_in_eval=cfg.MODEL.DENSECLIP.CACHE_TEXT_EMBEDDINGS,
     )

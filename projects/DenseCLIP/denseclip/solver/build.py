@@ -5,7 +5,7 @@ from typing import Type
 
 import torch
 
-from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping, reduce_param_groups
 
 from ..modeling.backbone.clip_resnet import CLIPResNet
 
@@ -25,10 +25,26 @@ def _with_full_model_gradient_clipping(optimizer_type: Type[torch.optim.Optimize
     return FullModelGradientClipping
 
 
+def _without_weight_decay(param_groups, model: torch.nn.Module, keys):
+    """The groups, with weight decay 0 for every parameter whose name contains one of ``keys``."""
+    if not keys:
+        return param_groups
+    names = {param: name for name, param in model.named_parameters()}
+    split = []
+    for group in param_groups:
+        for param in group["params"]:
+            single = {**group, "params": [param]}
+            if any(key in names[param] for key in keys):
+                single["weight_decay"] = 0.0
+            split.append(single)
+    return reduce_param_groups(split)
+
+
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """
     Parameter groups: the CLIP image encoder (attention pool included) at SOLVER.BASE_LR x
-    SOLVER.BACKBONE_MULTIPLIER, norm layers with SOLVER.WEIGHT_DECAY_NORM, frozen parameters (the CLIP
+    SOLVER.BACKBONE_MULTIPLIER, norm layers with SOLVER.WEIGHT_DECAY_NORM, parameters whose name contains
+    one of SOLVER.NO_WEIGHT_DECAY_KEYS without weight decay, frozen parameters (the CLIP
     text encoder, frozen stages) left out. SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model" clips the
     norm of all gradients together; "value" and "norm" are Detectron2's per-parameter clipping.
     """
@@ -48,6 +64,7 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
         lr_factor_func=lr_factor,
     )
+    params = _without_weight_decay(params, model, cfg.SOLVER.NO_WEIGHT_DECAY_KEYS)
     name = cfg.SOLVER.OPTIMIZER.upper()
     if name == "SGD":
         optimizer_type, kwargs = torch.optim.SGD, dict(momentum=cfg.SOLVER.MOMENTUM, nesterov=cfg.SOLVER.NESTEROV)

@@ -2,11 +2,13 @@
 from typing import Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 
 from detectron2.data import MetadataCatalog
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
-from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
+from detectron2.modeling.backbone import fpn
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
 from ..context_decoder import ContextDecoder
 from ..score_map import SCORE_MAP_KEY, PixelTextScoreMap
@@ -40,6 +42,21 @@ def resolve_class_names(cfg) -> List[str]:
             f"list the names in MODEL.DENSECLIP.CLASS_NAMES"
         )
     return list(classes)
+
+
+class LastLevelP6P7(fpn.LastLevelP6P7):
+    """
+    RetinaNet's P6 and P7 from the top input feature: P6 = conv(x), P7 = conv(relu(P6)) as in
+    Detectron2, or conv(P6) without the ReLU as in the release (MMDetection's FPN).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, in_feature: str = "res5", relu_before_p7: bool = True):
+        super().__init__(in_channels, out_channels, in_feature)
+        self.relu_before_p7 = relu_before_p7
+
+    def forward(self, x):
+        p6 = self.p6(x)
+        return [p6, self.p7(F.relu(p6) if self.relu_before_p7 else p6)]
 
 
 class LanguageGuidedCLIPResNet(Backbone):
@@ -157,6 +174,8 @@ def build_retinanet_clip_fpn_backbone(cfg, input_shape: ShapeSpec):
         in_features=cfg.MODEL.FPN.IN_FEATURES,
         out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
         norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelP6P7(res5_channels, cfg.MODEL.FPN.OUT_CHANNELS),
+        top_block=LastLevelP6P7(
+            res5_channels, cfg.MODEL.FPN.OUT_CHANNELS, relu_before_p7=cfg.MODEL.FPN.RELU_BEFORE_P7
+        ),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet
 from torch import nn
 
-from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
+from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
 __all__ = ["CLIPResNet", "build_clip_resnet_backbone", "dense_attention_pool"]
@@ -21,6 +21,18 @@ def _to_frozen_batchnorm(module: nn.Module) -> nn.Module:
     for m in module.modules():
         if isinstance(m, FrozenBatchNorm2d):
             m.num_batches_tracked = None  # as FrozenBatchNorm2d itself: no such state
+    return module
+
+
+def _to_naive_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Turn BatchNorm2d into Detectron2's NaiveSyncBatchNorm (synchronised over gloo too), in place."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            synced = NaiveSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine)
+            synced.load_state_dict(child.state_dict())
+            setattr(module, name, synced)
+        else:
+            _to_naive_sync_batchnorm(child)
     return module
 
 
@@ -159,8 +171,10 @@ class CLIPResNet(ModifiedResNet, Backbone):
             _to_frozen_batchnorm(self)
         elif norm == "SyncBN":
             nn.SyncBatchNorm.convert_sync_batchnorm(self)
+        elif norm == "naiveSyncBN":
+            _to_naive_sync_batchnorm(self)
         elif norm != "BN":
-            raise ValueError(f"MODEL.CLIP.NORM must be FrozenBN, BN or SyncBN, got {norm!r}")
+            raise ValueError(f"MODEL.CLIP.NORM must be SyncBN, BN or FrozenBN, got {norm!r}")
         self.freeze(freeze_at)
 
     @property
@@ -210,6 +224,15 @@ class CLIPResNet(ModifiedResNet, Backbone):
         }
 
 
+def clip_norm(cfg) -> str:
+    """MODEL.CLIP.NORM, with "SyncBN" resolved for the device: torch's SyncBatchNorm runs on GPUs only,
+    Detectron2's NaiveSyncBatchNorm also synchronises CPU processes (gloo)."""
+    norm = cfg.MODEL.CLIP.NORM
+    if norm == "SyncBN" and torch.device(cfg.MODEL.DEVICE).type == "cpu":
+        return "naiveSyncBN"
+    return norm
+
+
 def clip_resnet_from_config(cfg, with_attention_pool: bool) -> CLIPResNet:
     clip = cfg.MODEL.CLIP
     return CLIPResNet(
@@ -218,7 +241,7 @@ def clip_resnet_from_config(cfg, with_attention_pool: bool) -> CLIPResNet:
         embed_dim=clip.EMBED_DIM,
         input_resolution=clip.INPUT_RESOLUTION,
         with_attention_pool=with_attention_pool,
-        norm=clip.NORM,
+        norm=clip_norm(cfg),
         freeze_at=clip.FREEZE_AT,
         out_features=clip.OUT_FEATURES,
     )
