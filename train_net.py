@@ -11,12 +11,13 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from denseclip import DenseCLIPCheckpointer, get_denseclip_cfg
+from denseclip import DenseCLIPCheckpointer, get_denseclip_cfg, register_coco_format_datasets
 from denseclip.engine import DenseCLIPTrainer
 
 
 def setup(args):
     cfg = get_denseclip_cfg(args.config_file, args.opts)
+    register_coco_format_datasets(cfg)  # DATASETS.COCO_FORMAT.*: own data without code
     cfg.freeze()
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"MODEL.DEVICE is {cfg.MODEL.DEVICE} but no GPU is available: add MODEL.DEVICE cpu")

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """
 Run a trained DenseCLIP (or CLIP baseline) model on images, a folder, a video or a webcam, and write
-the predictions drawn on each input; --score-maps adds each class's pixel-text score map.
+the predictions drawn on each input; --score-maps adds each class's pixel-text score map, --vocabulary
+those of any names.
 
     python demo/demo.py --config-file <config> --input images/*.jpg --output out/ --score-maps \
         --opts MODEL.WEIGHTS output/model_final.pth MODEL.DEVICE cpu
@@ -21,7 +22,7 @@ from detectron2.utils.logger import setup_logger
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from predictor import VisualizationDemo  # noqa: E402
 
-from denseclip import get_denseclip_cfg  # noqa: E402
+from denseclip import get_denseclip_cfg, register_coco_format_datasets  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -35,6 +36,11 @@ def get_parser():
     parser.add_argument("--output", help="folder (or, for one image or a video, a file) to write to")
     parser.add_argument("--confidence-threshold", type=float, default=0.5)
     parser.add_argument("--score-maps", action="store_true", help="also write per-class score-map heatmaps")
+    parser.add_argument(
+        "--vocabulary",
+        help='score maps of these comma-separated names, e.g. "cat,dog,traffic cone", with the learned '
+        "prompts (implies --score-maps; the detections keep the detector's classes)",
+    )
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
     return parser
 
@@ -105,8 +111,10 @@ def main(argv=None):
     setup_logger(name="denseclip")
     setup_logger()
     cfg = get_denseclip_cfg(args.config_file, args.opts)
+    register_coco_format_datasets(cfg)
     cfg.freeze()
-    demo = VisualizationDemo(cfg, args.confidence_threshold, args.score_maps)
+    vocabulary = [name.strip() for name in args.vocabulary.split(",") if name.strip()] if args.vocabulary else None
+    demo = VisualizationDemo(cfg, args.confidence_threshold, args.score_maps, vocabulary)
     if args.input:
         run_on_images(demo, expand_inputs(args.input), args.output)
     elif args.webcam:

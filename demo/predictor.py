@@ -1,5 +1,5 @@
 """Visualization on top of DenseCLIPPredictor for demo.py: detections, masks and score-map heatmaps."""
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -11,22 +11,24 @@ from denseclip.utils.visualization import render_prediction
 
 
 class VisualizationDemo:
-    def __init__(self, cfg, confidence_threshold: float = 0.5, score_maps: bool = False):
-        self.predictor = DenseCLIPPredictor(cfg)
+    def __init__(
+        self,
+        cfg,
+        confidence_threshold: float = 0.5,
+        score_maps: bool = False,
+        vocabulary: Optional[Sequence[str]] = None,
+    ):
+        """Score maps (of the detector's classes, or of ``vocabulary``) need a DenseCLIP model."""
+        self.predictor = DenseCLIPPredictor(cfg, score_maps=score_maps, vocabulary=vocabulary)
         self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused")
         self.confidence_threshold = confidence_threshold
-        self.score_maps = score_maps
-        names = getattr(self.predictor.model.backbone, "class_names", None)
-        if score_maps and names is None:
-            raise ValueError("--score-maps needs a DenseCLIP model; this config builds the CLIP baseline")
-        self.class_names = names
+        self.score_map_names = self.predictor.score_map_names if score_maps or vocabulary else None
 
     def run_on_image(self, image_bgr: np.ndarray) -> Tuple[dict, np.ndarray, Optional[np.ndarray]]:
         """Returns predictions, the BGR overlay, and (with score maps) the BGR heatmap panel."""
-        predictions, probabilities = self.predictor.predict_with_score_maps(image_bgr)
+        predictions = self.predictor(image_bgr)
         overlay, panel = render_prediction(
-            image_bgr, predictions, probabilities if self.score_maps else None, self.metadata,
-            self.class_names, self.confidence_threshold,
+            image_bgr, predictions, self.metadata, self.score_map_names, self.confidence_threshold
         )
         return predictions, overlay, panel
 

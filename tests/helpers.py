@@ -1,8 +1,16 @@
-"""Small models and configs that keep the test suite fast on a CPU."""
+"""Small models, configs, data and runners that keep the test suite fast on a CPU."""
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
 import open_clip
 import torch
 
 from detectron2.config import get_cfg
+from detectron2.structures import BitMasks, Boxes, Instances
 
 from denseclip import add_denseclip_config
 
@@ -66,7 +74,7 @@ def tiny_cfg(denseclip: bool = True, class_names=("cat", "dog", "traffic light")
     cfg.MODEL.CLIP.TEXT.WIDTH = TINY_CLIP["text_width"]
     cfg.MODEL.CLIP.TEXT.HEADS = TINY_CLIP["text_heads"]
     cfg.MODEL.CLIP.TEXT.LAYERS = TINY_CLIP["text_layers"]
-    cfg.MODEL.DENSECLIP.ENABLED = denseclip
+    cfg.MODEL.META_ARCHITECTURE = "DenseCLIPRCNN" if denseclip else "GeneralizedRCNN"
     cfg.MODEL.DENSECLIP.CLASS_NAMES = list(class_names)
     cfg.MODEL.DENSECLIP.CONTEXT_DECODER.WIDTH = 16
     cfg.MODEL.DENSECLIP.CONTEXT_DECODER.HEADS = 2
@@ -82,13 +90,13 @@ DETECTOR_CONFIGS = {
 }
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def tiny_detector_cfg(kind: str = "retinanet", class_names=("cat", "dog", "traffic light")):
     """A real COCO config of the repository, shrunk to a tiny CLIP, tiny heads and small inputs."""
-    import os
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = tiny_cfg(denseclip=True, class_names=class_names)
-    cfg.merge_from_file(os.path.join(root, DETECTOR_CONFIGS[kind]))
+    cfg.merge_from_file(os.path.join(REPO, DETECTOR_CONFIGS[kind]))
     shrunk = tiny_cfg(denseclip=True, class_names=class_names)
     cfg.MODEL.CLIP.merge_from_other_cfg(shrunk.MODEL.CLIP)
     cfg.MODEL.DENSECLIP.CONTEXT_DECODER.merge_from_other_cfg(shrunk.MODEL.DENSECLIP.CONTEXT_DECODER)
@@ -109,7 +117,6 @@ def tiny_detector_cfg(kind: str = "retinanet", class_names=("cat", "dog", "traff
     return cfg
 
 
-REPO = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
 TINY_SHAPES_CONFIGS = {
     "retinanet": "configs/Shapes-Detection/retinanet_denseclip_tiny_FPN.yaml",
     "mask_rcnn": "configs/Shapes-InstanceSegmentation/mask_rcnn_denseclip_tiny_FPN.yaml",
@@ -118,10 +125,6 @@ TINY_SHAPES_CONFIGS = {
 
 def run_script(args, cwd=None, env=None, timeout=600):
     """Run a repository script with this interpreter; returns the CompletedProcess (stdout+stderr)."""
-    import os
-    import subprocess
-    import sys
-
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run(
         [sys.executable, *args], cwd=cwd or REPO, env=full_env, timeout=timeout,
@@ -132,12 +135,6 @@ def run_script(args, cwd=None, env=None, timeout=600):
 def write_coco_dataset(folder, class_names=("apple", "bottle", "cup"), num_images=6, size=96, seed=0):
     """A small COCO-format dataset written by hand: filled rectangles, one class each; returns
     (json path, image folder)."""
-    import json
-    import os
-
-    import cv2
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     image_dir = os.path.join(folder, "images")
     os.makedirs(image_dir, exist_ok=True)
@@ -162,3 +159,100 @@ def write_coco_dataset(folder, class_names=("apple", "bottle", "cup"), num_image
     with open(json_file, "w") as f:
         json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
     return json_file, image_dir
+
+
+def fill_deterministically(model: torch.nn.Module) -> torch.nn.Module:
+    """
+    Give every parameter and buffer values that depend only on its shape (not on its name, nor on
+    the order modules are built in), so two implementations of one architecture can be compared
+    weight for weight. BatchNorm statistics become mean 0, variance 1.
+    """
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                tensor.fill_(1.0)
+                continue
+            if name.endswith("running_mean"):
+                tensor.zero_()
+                continue
+            fan_in = max(1, tensor[0].numel()) if tensor.dim() > 1 else tensor.numel()
+            values = torch.sin(torch.arange(tensor.numel(), dtype=torch.float64) * 0.7 + tensor.numel() * 0.01)
+            tensor.copy_((values / fan_in**0.5).view_as(tensor))
+    return model
+
+
+def training_batch(with_masks=False):
+    """Two 64 x 64 training inputs: one with two objects (classes 0 and 2), one without any."""
+    torch.manual_seed(0)
+    batch = []
+    for boxes, classes in (([[4, 6, 40, 50], [30, 10, 60, 30]], [0, 2]), ([], [])):
+        inst = Instances((64, 64))
+        inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+        inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
+        if with_masks:
+            masks = torch.zeros(len(boxes), 64, 64, dtype=torch.bool)
+            for i, (x1, y1, x2, y2) in enumerate(boxes):
+                masks[i, y1:y2, x1:x2] = True
+            inst.gt_masks = BitMasks(masks)
+        batch.append({"image": torch.rand(3, 64, 64) * 255, "instances": inst})
+    return batch
+
+
+def dataset_opts(json_file, image_dir):
+    """Config overrides that train and test on one COCO-format dataset (DATASETS.COCO_FORMAT)."""
+    return [
+        "DATASETS.COCO_FORMAT.TRAIN_JSON", json_file, "DATASETS.COCO_FORMAT.TRAIN_IMAGES", image_dir,
+        "DATASETS.COCO_FORMAT.TEST_JSON", json_file, "DATASETS.COCO_FORMAT.TEST_IMAGES", image_dir,
+    ]
+
+
+def tiny_opts(kind, output_dir, iterations):
+    """Config overrides for a few fast iterations of a tiny shapes config on 96 px images, 3 classes."""
+    head = "MODEL.RETINANET.NUM_CLASSES" if kind == "retinanet" else "MODEL.ROI_HEADS.NUM_CLASSES"
+    return [
+        head, "3", "OUTPUT_DIR", output_dir, "SOLVER.MAX_ITER", str(iterations), "SOLVER.IMS_PER_BATCH", "4",
+        "SOLVER.WARMUP_ITERS", "5", "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD", "1000",
+        "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "96",
+        "INPUT.MAX_SIZE_TEST", "96", "DATALOADER.NUM_WORKERS", "0", "SEED", "0",
+    ]
+
+
+def load_cfg(config_file, opts=()):
+    """What train_net.py does to a config: merge, then register DATASETS.COCO_FORMAT datasets."""
+    from denseclip import get_denseclip_cfg, register_coco_format_datasets
+
+    cfg = get_denseclip_cfg(config_file, list(opts))
+    register_coco_format_datasets(cfg)
+    return cfg
+
+
+def data_cfg(json_file, image_dir, output_dir="", iterations=10, extra=()):
+    """The tiny shapes Mask R-CNN config on a COCO-format dataset, for a few iterations, no evaluation."""
+    opts = [*dataset_opts(json_file, image_dir), *tiny_opts("mask_rcnn", output_dir, iterations), "DATASETS.TEST", "()"]
+    return load_cfg(TINY_SHAPES_CONFIGS["mask_rcnn"], [*opts, *extra])
+
+
+def clip_resnet(**overrides):
+    """A CLIPResNet built directly: tiny by default (stem width 8, one block per stage, 64 px grid)."""
+    from denseclip.modeling import CLIPResNet
+
+    kwargs = dict(
+        layers=[1, 1, 1, 1], width=8, embed_dim=32, input_resolution=64, with_attention_pool=True,
+        norm="BN", freeze_at=0, out_features=["res2", "res3", "res4", "res5"],
+    )
+    kwargs.update(overrides)
+    return CLIPResNet(**kwargs)
+
+
+def text_encoder(class_names, **overrides):
+    """A ContextTextEncoder built directly: tiny by default (width 32, one layer, 4 contexts)."""
+    from denseclip.modeling import ContextTextEncoder
+
+    kwargs = dict(
+        embed_dim=32, width=32, heads=2, layers=1, vocab_size=49408, prompt_length=5, num_context=4,
+        activation="QuickGELU", cache_in_eval=True,
+    )
+    kwargs.update(overrides)
+    return ContextTextEncoder(class_names, **kwargs)

@@ -7,8 +7,7 @@ from detectron2.layers import ShapeSpec
 from denseclip.checkpoint import DenseCLIPCheckpointer
 from denseclip.modeling import build_clip_fpn_backbone
 
-from conftest import build_open_clip
-from helpers import tiny_cfg, tiny_open_clip
+from helpers import build_open_clip, tiny_cfg, tiny_open_clip
 
 
 def rn50_backbone(input_resolution=224, denseclip=True):
@@ -46,15 +45,15 @@ def test_global_embedding_matches_open_clip_encode_image(open_clip_rn50, loaded_
     image = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = open_clip_rn50.encode_image(image)
-        encoder = loaded_rn50["torchscript"].bottom_up.image_encoder
-        global_embedding, dense = encoder.attention_pool(encoder(image)["res5"])
+        encoder = loaded_rn50["torchscript"].bottom_up
+        _, global_embedding, dense = encoder.forward_with_embeddings(image)
     assert dense.shape == (2, 1024, 7, 7)
     scale = expected.abs().max().item()
     assert (global_embedding - expected).abs().max().item() <= 1e-4 * scale
 
 
 def test_text_encoder_loaded_and_frozen(open_clip_rn50, loaded_rn50):
-    text = loaded_rn50["state_dict"].bottom_up.score_map.text_encoder
+    text = loaded_rn50["state_dict"].score_map.text_encoder
     assert torch.equal(text.token_embedding.weight, open_clip_rn50.token_embedding.weight)
     assert torch.equal(text.positional_embedding, open_clip_rn50.positional_embedding[:13])
     assert [n for n, p in text.named_parameters() if p.requires_grad] == ["contexts"]
@@ -64,7 +63,7 @@ def test_positional_grid_interpolated_to_configured_resolution(open_clip_rn50, r
     backbone = rn50_backbone(input_resolution=1344)
     with caplog.at_level("INFO"):
         DenseCLIPCheckpointer(backbone).load(rn50_checkpoints["state_dict"])
-    grid = backbone.bottom_up.image_encoder.attnpool.positional_embedding
+    grid = backbone.bottom_up.attnpool.positional_embedding
     assert grid.shape == (42 * 42 + 1, 2048)
     torch.testing.assert_close(grid[0], open_clip_rn50.visual.attnpool.positional_embedding[0])
     assert "interpolated 7x7 -> 42x42" in caplog.text
@@ -83,7 +82,7 @@ def test_safetensors_and_fp16_state_dicts(tmp_path):
         DenseCLIPCheckpointer(backbone).load(str(tmp_path / name))
         loaded[name] = backbone.state_dict()
         assert all(v.dtype != torch.float16 for v in loaded[name].values())
-    conv = "bottom_up.image_encoder.layer1.0.conv1.weight"
+    conv = "bottom_up.layer1.0.conv1.weight"
     assert torch.equal(loaded["tiny.safetensors"][conv], clip.visual.layer1[0].conv1.weight)
     assert torch.equal(loaded["open_clip_training.pt"][conv], clip.visual.layer1[0].conv1.weight)
     torch.testing.assert_close(loaded["tiny_fp16.pt"][conv], clip.visual.layer1[0].conv1.weight, atol=1e-3, rtol=1e-3)
@@ -117,6 +116,6 @@ def test_other_architecture_is_a_clear_error(tmp_path):
 
 
 def test_rn101_weights_into_rn50_config(tmp_path):
-    torch.save(build_open_clip("RN101").state_dict(), tmp_path / "RN101.pt")
+    torch.save(build_open_clip("RN101-quickgelu").state_dict(), tmp_path / "RN101.pt")
     with pytest.raises(ValueError, match=r"CLIP RN101.*EMBED_DIM 1024"):
         DenseCLIPCheckpointer(rn50_backbone()).load(str(tmp_path / "RN101.pt"))

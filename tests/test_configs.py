@@ -58,7 +58,6 @@ def test_full_size_config_builds_counts_and_infers(config):
 def test_release_recipe(config):
     cfg = load(config)
     denseclip = "denseclip" in config
-    assert cfg.MODEL.DENSECLIP.ENABLED == denseclip
     assert cfg.MODEL.META_ARCHITECTURE == {
         (True, True): "DenseCLIPRetinaNet", (True, False): "RetinaNet",
         (False, True): "DenseCLIPRCNN", (False, False): "GeneralizedRCNN",

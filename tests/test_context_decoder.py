@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from denseclip.modeling import ContextDecoder, ContextTextEncoder, PixelTextScoreMap
+from denseclip.modeling import ContextDecoder, PixelTextScoreMap
+
+from helpers import text_encoder
 
 
 def count(module):
@@ -42,7 +44,7 @@ def test_release_shapes_names_and_parameter_count():
 
 def test_initialisation():
     torch.manual_seed(0)
-    decoder = ContextDecoder(visual_dim=1024)
+    decoder = ContextDecoder(visual_dim=1024, width=256, heads=4, layers=3, dropout=0.1)
     linears = [m for m in decoder.modules() if isinstance(m, torch.nn.Linear)]
     assert all(m.weight.std().item() == pytest.approx(0.02, rel=0.1) for m in linears if m.weight.numel() > 10000)
     assert all((m.bias == 0).all() for m in linears if m.bias is not None)
@@ -99,10 +101,9 @@ def test_dropout_sits_where_the_release_puts_it():
 
 def test_score_map_is_cosine_over_tau_with_refined_text():
     torch.manual_seed(0)
-    encoder = ContextTextEncoder(["cat", "dog", "traffic light", "person"], embed_dim=32, width=32, heads=2,
-                                 layers=1, num_context=2).eval()
-    decoder = ContextDecoder(visual_dim=32, width=16, heads=2, layers=1).eval()
-    score_map = PixelTextScoreMap(encoder, decoder, embed_dim=32, tau=0.07, gamma_init=1e-4)
+    encoder = text_encoder(["cat", "dog", "traffic light", "person"], num_context=2).eval()
+    decoder = ContextDecoder(visual_dim=32, width=16, heads=2, layers=1, dropout=0.1).eval()
+    score_map = PixelTextScoreMap(text_encoder=encoder, context_decoder=decoder, tau=0.07, gamma_init=1e-4)
     assert torch.equal(score_map.gamma, torch.full((32,), 1e-4))
     global_embedding, dense = torch.randn(2, 32), torch.randn(2, 32, 3, 5)
     with torch.no_grad():

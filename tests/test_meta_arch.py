@@ -1,29 +1,25 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from detectron2.modeling import build_model
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.utils.events import EventStorage
 
-from denseclip.modeling import SCORE_MAP_KEY, DenseCLIPRCNN, DenseCLIPRetinaNet
+from denseclip.modeling import DenseCLIPRCNN, DenseCLIPRetinaNet
 
-from helpers import tiny_detector_cfg
+from helpers import fill_deterministically, tiny_detector_cfg, training_batch
 
-
-def training_batch(with_masks=False):
-    torch.manual_seed(0)
-    batch = []
-    for boxes, classes in (([[4, 6, 40, 50], [30, 10, 60, 30]], [0, 2]), ([], [])):
-        inst = Instances((64, 64))
-        inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-        inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
-        if with_masks:
-            masks = torch.zeros(len(boxes), 64, 64, dtype=torch.bool)
-            for i, (x1, y1, x2, y2) in enumerate(boxes):
-                masks[i, y1:y2, x1:x2] = True
-            inst.gt_masks = BitMasks(masks)
-        batch.append({"image": torch.rand(3, 64, 64) * 255, "instances": inst})
-    return batch
+# Losses of the tiny detectors on training_batch() with fill_deterministically() weights, no dropout and
+# torch.manual_seed(0) before the forward, recorded before the score map's path became explicit
+# (backbone forward hooks then): the explicit forward computes the same function.
+RECORDED_LOSSES = {
+    "retinanet": {"loss_cls": 6.3793230056762695, "loss_box_reg": 0.2782059609889984,
+                  "loss_score_map": 1.5921915769577026},
+    "mask_rcnn": {"loss_cls": 1.1772459745407104, "loss_box_reg": 0.31180906295776367,
+                  "loss_mask": 0.6036922931671143, "loss_rpn_cls": 0.8971275091171265,
+                  "loss_rpn_loc": 0.014592094346880913, "loss_score_map": 1.5921915769577026},
+}
 
 
 def build(kind, **overrides):
@@ -38,6 +34,15 @@ def build(kind, **overrides):
     return build_model(cfg)
 
 
+@pytest.mark.parametrize("kind", ["retinanet", "mask_rcnn"])
+def test_training_losses_as_recorded(kind):
+    model = fill_deterministically(build(kind, **{"MODEL.DENSECLIP.CONTEXT_DECODER.DROPOUT": 0.0}))
+    torch.manual_seed(0)
+    with EventStorage():
+        losses = model(training_batch(with_masks=kind == "mask_rcnn"))
+    assert {k: v.item() for k, v in losses.items()} == pytest.approx(RECORDED_LOSSES[kind], rel=1e-5)
+
+
 @pytest.mark.parametrize("kind, cls", [("retinanet", DenseCLIPRetinaNet), ("mask_rcnn", DenseCLIPRCNN)])
 def test_training_losses_include_score_map_loss(kind, cls):
     model = build(kind)
@@ -47,20 +52,68 @@ def test_training_losses_include_score_map_loss(kind, cls):
     assert "loss_score_map" in losses and len(losses) > 1
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
-    assert model.backbone.bottom_up.score_map.text_encoder.contexts.grad.abs().sum() > 0
-    assert model.backbone.bottom_up.score_map.gamma.grad is not None
+    assert model.backbone.score_map.text_encoder.contexts.grad.abs().sum() > 0
+    assert model.backbone.score_map.gamma.grad.abs().sum() > 0
 
 
-def test_res5_carries_the_score_map():
+def test_res5_carries_the_score_map_into_the_fpn():
     model = build("retinanet").eval()
-    bottom_up = model.backbone.bottom_up
-    assert bottom_up.output_shape()["res5"].channels == 256 + 3
+    backbone = model.backbone
+    assert backbone.neck.bottom_up.output_shape()["res5"].channels == 256 + 3
+    image = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
-        features = bottom_up(torch.randn(1, 3, 64, 96))
-    assert features["res5"].shape == (1, 259, 2, 3)
-    torch.testing.assert_close(features["res5"][:, 256:], features[SCORE_MAP_KEY])
-    # P6 of RetinaNet is computed from the concatenated res5.
-    assert model.backbone.top_block.p6.in_channels == 259
+        features, score_map = backbone.forward_with_score_map(image)
+        res5 = backbone.bottom_up(image)["res5"]
+        res5_with_scores = torch.cat([res5, score_map], dim=1)
+        lateral = backbone.neck.fpn_lateral5(res5_with_scores)
+    assert score_map.shape == (1, 3, 2, 3)
+    torch.testing.assert_close(features["p5"], backbone.neck.fpn_output5(lateral))
+    torch.testing.assert_close(features["p6"], backbone.neck.top_block.p6(res5_with_scores))
+
+
+@pytest.mark.parametrize("kind", ["retinanet", "mask_rcnn"])
+def test_score_maps_returned_on_the_original_image(kind):
+    """Off by default; when asked, each image's score maps come back at its original size, equal to the
+    backbone's score map upsampled to the padded input and resized like Detectron2's semantic outputs."""
+    model = build(kind).eval()
+    image = torch.rand(3, 60, 90) * 255  # resized from a 50 x 75 original, padded to 64 x 96
+    inputs = [{"image": image, "height": 50, "width": 75}]
+    with torch.no_grad():
+        (plain,) = model(inputs)
+        model.return_score_maps = True
+        (output,) = model(inputs)
+        _, score_map = model.backbone.forward_with_score_map(model.preprocess_image(inputs).tensor)
+    assert "score_maps" not in plain
+    assert output["score_maps"].shape == (3, 50, 75)
+    padded = F.interpolate(score_map, size=(64, 96), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(output["score_maps"], sem_seg_postprocess(padded, (60, 90), 50, 75))
+    torch.testing.assert_close(output["instances"].pred_boxes.tensor, plain["instances"].pred_boxes.tensor)
+
+
+def test_score_maps_for_any_vocabulary():
+    model = build("mask_rcnn").eval()
+    model.return_score_maps = True
+    inputs = [{"image": torch.rand(3, 64, 64) * 255}]
+    runs = []
+    model.backbone.score_map.text_encoder.token_embedding.register_forward_hook(lambda *a: runs.append(1))
+    with torch.no_grad():
+        (own,) = model(inputs)
+        model.vocabulary = ["zebra", "traffic cone", "dog", "teapot"]
+        (first,) = model(inputs)
+        (second,) = model(inputs)
+    assert model.score_map_names == ["zebra", "traffic cone", "dog", "teapot"]
+    assert first["score_maps"].shape == (4, 64, 64)
+    torch.testing.assert_close(first["score_maps"], second["score_maps"])
+    torch.testing.assert_close(first["instances"].scores, own["instances"].scores)  # the head keeps its classes
+    assert len(runs) == 2  # training classes once, the vocabulary once: both cached
+    # The training classes in another order: the same maps, reordered (the context decoder's attention
+    # over the names has no positions).
+    model.vocabulary = ["traffic light", "cat", "dog"]
+    with torch.no_grad():
+        (reordered,) = model(inputs)
+    torch.testing.assert_close(reordered["score_maps"], own["score_maps"][[2, 0, 1]])
+    with pytest.raises(ValueError, match=r"'a much too long teapot lid'.*PROMPT_LENGTH"):
+        model.vocabulary = ["cat", "a much too long teapot lid"]
 
 
 @pytest.mark.parametrize("kind", ["retinanet", "mask_rcnn"])
@@ -68,28 +121,37 @@ def test_cached_text_embeddings_give_identical_outputs(kind):
     cached, recomputed = build(kind).eval(), build(kind, **{"MODEL.DENSECLIP.CACHE_TEXT_EMBEDDINGS": False}).eval()
     recomputed.load_state_dict(cached.state_dict())
     runs = []
-    cached.backbone.bottom_up.score_map.text_encoder.token_embedding.register_forward_hook(lambda *a: runs.append(1))
-    images = [{"image": torch.rand(3, 64, 64) * 255} for _ in range(3)]
+    cached.backbone.score_map.text_encoder.token_embedding.register_forward_hook(lambda *a: runs.append(1))
+    cached.return_score_maps = recomputed.return_score_maps = True
     with torch.no_grad():
-        for image in images:
-            with_cache = cached.backbone(cached.preprocess_image([image]).tensor)
-            without = recomputed.backbone(recomputed.preprocess_image([image]).tensor)
-            torch.testing.assert_close(with_cache[SCORE_MAP_KEY], without[SCORE_MAP_KEY], rtol=0, atol=0)
-            a, b = cached([image])[0]["instances"], recomputed([image])[0]["instances"]
-            torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor)
-            torch.testing.assert_close(a.scores, b.scores)
+        for _ in range(3):
+            image = {"image": torch.rand(3, 64, 64) * 255}
+            (a,), (b,) = cached([image]), recomputed([image])
+            torch.testing.assert_close(a["score_maps"], b["score_maps"], rtol=0, atol=0)
+            torch.testing.assert_close(a["instances"].pred_boxes.tensor, b["instances"].pred_boxes.tensor)
+            torch.testing.assert_close(a["instances"].scores, b["instances"].scores)
     assert len(runs) == 1
 
 
 def test_class_count_mismatch_is_a_clear_error():
     cfg = tiny_detector_cfg("retinanet")
     cfg.MODEL.RETINANET.NUM_CLASSES = 80
-    with pytest.raises(ValueError, match=r"3 classes .* has 80 .*MODEL.RETINANET.NUM_CLASSES"):
+    with pytest.raises(ValueError, match=r"3 classes .* has 80 \(MODEL.RETINANET.NUM_CLASSES\)"):
         build_model(cfg)
 
 
-def test_denseclip_meta_arch_needs_language_guided_backbone():
+def test_one_switch_misconfigurations_fail_at_build_time():
+    # A DenseCLIP meta-architecture on a backbone that makes no score maps.
     cfg = tiny_detector_cfg("mask_rcnn")
-    cfg.MODEL.DENSECLIP.ENABLED = False
-    with pytest.raises(ValueError, match="MODEL.DENSECLIP.ENABLED True"):
+    cfg.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
+    cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 18, 64
+    cfg.MODEL.RESNETS.OUT_FEATURES = cfg.MODEL.FPN.IN_FEATURES
+    with pytest.raises(ValueError, match=r"MODEL.META_ARCHITECTURE DenseCLIPRCNN .* MODEL.BACKBONE.NAME"):
         build_model(cfg)
+    # The stock meta-architecture on the same config builds the CLIP baseline: no text, no score map.
+    cfg = tiny_detector_cfg("mask_rcnn")
+    cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    model = build_model(cfg)
+    assert not any("text_encoder" in name for name, _ in model.named_parameters())
+    assert model.backbone.bottom_up.attnpool is None
+    assert model.backbone.bottom_up.output_shape()["res5"].channels == 256

@@ -8,10 +8,8 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from denseclip.engine import DenseCLIPTrainer
-from denseclip.modeling import SCORE_MAP_KEY, capture_score_map
 
-from helpers import tiny_detector_cfg
-from test_meta_arch import training_batch
+from helpers import tiny_detector_cfg, training_batch
 
 
 def enlarged_training_batch(with_masks):
@@ -33,9 +31,11 @@ def enlarged_training_batch(with_masks):
 def test_autocast_training_step_is_finite_with_float32_score_maps(kind):
     torch.manual_seed(0)
     model = build_model(tiny_detector_cfg(kind))
-    with EventStorage(), capture_score_map(model.backbone) as captured, torch.autocast("cpu", dtype=torch.bfloat16):
-        losses = model(enlarged_training_batch(with_masks=kind == "mask_rcnn"))
-    assert captured["score_map"].dtype == torch.float32
+    batch = enlarged_training_batch(with_masks=kind == "mask_rcnn")
+    with EventStorage(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, score_map = model.backbone.forward_with_score_map(model.preprocess_image(batch).tensor)
+        losses = model(batch)
+    assert score_map.dtype == torch.float32
     assert losses["loss_score_map"].dtype == torch.float32
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
@@ -48,9 +48,9 @@ def test_bfloat16_autocast_inference_on_cpu():
     model = build_model(tiny_detector_cfg("mask_rcnn")).eval()
     image = {"image": torch.rand(3, 64, 64) * 255, "height": 64, "width": 64}
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        features = model.backbone(model.preprocess_image([image]).tensor)
+        features, score_map = model.backbone.forward_with_score_map(model.preprocess_image([image]).tensor)
         (output,) = model([image])
-    assert features[SCORE_MAP_KEY].dtype == torch.float32
+    assert score_map.dtype == torch.float32
     assert features["p2"].dtype == torch.bfloat16  # the rest does run in bfloat16
     assert torch.isfinite(output["instances"].scores.float()).all()
 

@@ -2,9 +2,22 @@
 import json
 import os
 
+import cv2
+import numpy as np
 import pytest
 
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from denseclip import get_denseclip_cfg
+from denseclip.data.datasets.shapes import register_shapes
+from denseclip.engine import DenseCLIPPredictor
+from denseclip.utils.visualization import render_prediction
+
 from helpers import run_script
+
+pytestmark = pytest.mark.slow
+
+CONFIG = "configs/Shapes-InstanceSegmentation/mask_rcnn_denseclip_tiny_FPN.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -20,18 +33,45 @@ def quickstart_run(tmp_path_factory):
     return output_dir, result.stdout
 
 
-def test_quickstart_prints_table_and_writes_model_results_pictures(quickstart_run):
+def test_quickstart_prints_results_and_writes_model_results_pictures(quickstart_run):
     output_dir, stdout = quickstart_run
     assert "random" in stdout and "No CLIP weights" in stdout
     assert "eta:" in stdout  # progress with an ETA
-    assert "COCO evaluation on the generated val split" in stdout
-    assert "  box " in stdout and "  mask " in stdout
+    assert "boxes (COCOEvaluator)" in stdout and "masks (COCOEvaluator)" in stdout
+    assert "score maps: mean IoU" in stdout and "untrained model:" in stdout
+    weights = os.path.join(output_dir, "model_final.pth")
+    assert f"with the trained weights {weights}" in stdout
     with open(os.path.join(output_dir, "results.json")) as f:
         results = json.load(f)
-    assert set(results) == {"bbox", "segm"} and all("AP" in r for r in results.values())
+    assert set(results) == {"weights", "bbox", "segm", "score_maps", "score_maps_untrained"}
+    assert results["weights"] == weights and os.path.isfile(weights)
+    assert all("AP" in results[task] for task in ("bbox", "segm"))
+    assert all(0 <= results[key]["mIoU"] <= 100 for key in ("score_maps", "score_maps_untrained"))
     pictures = sorted(os.listdir(os.path.join(output_dir, "pictures")))
     assert pictures == ["00000_predictions.png", "00000_score_maps.png", "00001_predictions.png", "00001_score_maps.png"]
-    assert os.path.isfile(os.path.join(output_dir, "model_final.pth"))
+
+
+def test_pictures_are_drawn_by_the_trained_weights(quickstart_run):
+    """Redrawn from a predictor loaded from model_final.pth, a val image's pictures are the quick start's,
+    pixel for pixel; drawn from the untrained model (no weights), they are not."""
+    output_dir, _ = quickstart_run
+    root = os.path.join(os.path.dirname(output_dir), "datasets", "shapes")
+    register_shapes(root=root, prefix="quickstart_test_shapes")
+    dataset = "quickstart_test_shapes_val"
+    record = DatasetCatalog.get(dataset)[0]
+    image = cv2.imread(record["file_name"])
+
+    def pictures(weights):
+        cfg = get_denseclip_cfg(CONFIG, ["MODEL.WEIGHTS", weights, "DATASETS.TEST", f"('{dataset}',)"])
+        predictor = DenseCLIPPredictor(cfg, score_maps=True)
+        return render_prediction(image, predictor(image), MetadataCatalog.get(dataset), predictor.score_map_names)
+
+    drawn = [cv2.imread(os.path.join(output_dir, "pictures", f"00000_{kind}.png")) for kind in ("predictions", "score_maps")]
+    trained = pictures(os.path.join(output_dir, "model_final.pth"))
+    untrained = pictures("")
+    for quickstart, redrawn, fresh in zip(drawn, trained, untrained):
+        assert np.array_equal(quickstart, redrawn)
+    assert not np.array_equal(drawn[1], untrained[1])  # other score maps
 
 
 def test_demo_on_a_folder_with_score_maps(quickstart_run, tmp_path):
@@ -39,29 +79,43 @@ def test_demo_on_a_folder_with_score_maps(quickstart_run, tmp_path):
     images = os.path.join(os.path.dirname(output_dir), "datasets", "shapes", "val")
     out = str(tmp_path / "demo")
     result = run_script([
-        "demo/demo.py", "--config-file", "configs/Shapes-InstanceSegmentation/mask_rcnn_denseclip_tiny_FPN.yaml",
-        "--input", os.path.join(images, "0000[0-2].png"), "--output", out, "--score-maps",
-        "--opts", "MODEL.WEIGHTS", os.path.join(output_dir, "model_final.pth"),
+        "demo/demo.py", "--config-file", CONFIG, "--input", os.path.join(images, "0000[0-2].png"), "--output", out,
+        "--score-maps", "--opts", "MODEL.WEIGHTS", os.path.join(output_dir, "model_final.pth"),
     ])
     assert result.returncode == 0, result.stdout[-4000:]
     written = sorted(os.listdir(out))
     assert written == [f"0000{i}{suffix}.png" for i in range(3) for suffix in ("", "_score_maps")]
 
 
-def test_demo_on_a_video(quickstart_run, tmp_path):
-    import cv2
-
+def test_demo_vocabulary(quickstart_run, tmp_path):
+    """Score maps of names the detector was not trained on: one heatmap tile per name (plus the image)."""
     output_dir, _ = quickstart_run
-    frames = sorted(os.listdir(os.path.join(os.path.dirname(output_dir), "datasets", "shapes", "val")))[:3]
+    image = os.path.join(os.path.dirname(output_dir), "datasets", "shapes", "val", "00000.png")
+    weights = ["--opts", "MODEL.WEIGHTS", os.path.join(output_dir, "model_final.pth")]
+    out = str(tmp_path / "vocabulary.png")
+    result = run_script(["demo/demo.py", "--config-file", CONFIG, "--input", image, "--output", out,
+                         "--vocabulary", "cat, dog,traffic cone", *weights])
+    assert result.returncode == 0, result.stdout[-4000:]
+    panel = cv2.imread(str(tmp_path / "vocabulary_score_maps.png"))
+    tile = 256  # the 128 px image drawn at 256 px, 4 tiles per row: image, cat, dog, traffic cone
+    assert panel.shape[:2] == (tile, 4 * tile)
+    result = run_script(["demo/demo.py", "--config-file", CONFIG, "--input", image, "--output", out,
+                         "--vocabulary", "cat,a much too long teapot lid", *weights])
+    assert result.returncode != 0 and "'a much too long teapot lid'" in result.stdout
+    assert "PROMPT_LENGTH" in result.stdout
+
+
+def test_demo_on_a_video(quickstart_run, tmp_path):
+    output_dir, _ = quickstart_run
+    val = os.path.join(os.path.dirname(output_dir), "datasets", "shapes", "val")
     video = str(tmp_path / "clip.mp4")
     writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"mp4v"), 5, (128, 128))
-    for name in frames:
-        writer.write(cv2.imread(os.path.join(os.path.dirname(output_dir), "datasets", "shapes", "val", name)))
+    for name in sorted(os.listdir(val))[:3]:
+        writer.write(cv2.imread(os.path.join(val, name)))
     writer.release()
     out = str(tmp_path / "out.mp4")
     result = run_script([
-        "demo/demo.py", "--config-file", "configs/Shapes-InstanceSegmentation/mask_rcnn_denseclip_tiny_FPN.yaml",
-        "--video-input", video, "--output", out,
+        "demo/demo.py", "--config-file", CONFIG, "--video-input", video, "--output", out,
         "--opts", "MODEL.WEIGHTS", os.path.join(output_dir, "model_final.pth"),
     ])
     assert result.returncode == 0, result.stdout[-4000:]

@@ -5,17 +5,16 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
 from detectron2.utils.env import seed_all_rng
 
-from denseclip import get_denseclip_cfg
 from denseclip.engine import DenseCLIPTrainer
 
-from helpers import REPO, TINY_SHAPES_CONFIGS, run_script, write_coco_dataset
-from test_train_net import dataset_opts, tiny_opts
+from helpers import REPO, TINY_SHAPES_CONFIGS, dataset_opts, load_cfg, run_script, tiny_opts, write_coco_dataset
+
+pytestmark = pytest.mark.slow
 
 CONFIG = TINY_SHAPES_CONFIGS["mask_rcnn"]
 
@@ -59,7 +58,7 @@ def test_resume_after_sigkill_restores_everything(coco_dataset, tmp_path):
     saved = torch.load(saved_path, map_location="cpu", weights_only=False)
     assert saved["iteration"] >= 9
 
-    cfg = get_denseclip_cfg(CONFIG, opts)
+    cfg = load_cfg(CONFIG, opts)
     trainer = DenseCLIPTrainer(cfg)
     trainer.resume_or_load(resume=True)
     assert trainer.start_iter == saved["iteration"] + 1
@@ -67,7 +66,7 @@ def test_resume_after_sigkill_restores_everything(coco_dataset, tmp_path):
     assert model_state.keys() == saved["model"].keys()
     for key, value in saved["model"].items():
         assert torch.equal(model_state[key], value), key
-    contexts = "backbone.bottom_up.score_map.text_encoder.contexts"
+    contexts = "backbone.score_map.text_encoder.contexts"
     assert torch.equal(model_state[contexts], saved["model"][contexts])
     assert trainer.scheduler.state_dict() == saved["trainer"]["hooks"]["LRScheduler"]
     optimizer_state, saved_optimizer = trainer.optimizer.state_dict(), saved["trainer"]["_trainer"]["optimizer"]
@@ -86,9 +85,8 @@ def test_resume_after_sigkill_restores_everything(coco_dataset, tmp_path):
 
 KILL_WHILE_SAVING = """
 import os, signal, sys, torch
-from detectron2.utils.env import seed_all_rng
 
-from denseclip import get_denseclip_cfg
+from denseclip import get_denseclip_cfg, register_coco_format_datasets
 from denseclip.engine import DenseCLIPTrainer
 
 real_save, calls = torch.save, []
@@ -101,7 +99,9 @@ def dying_save(obj, f, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return real_save(obj, f, *args, **kwargs)
 torch.save = dying_save
-trainer = DenseCLIPTrainer(get_denseclip_cfg(sys.argv[1], sys.argv[2:]))
+cfg = get_denseclip_cfg(sys.argv[1], sys.argv[2:])
+register_coco_format_datasets(cfg)
+trainer = DenseCLIPTrainer(cfg)
 trainer.resume_or_load(resume=False)
 trainer.train()
 """
@@ -147,7 +147,7 @@ def test_two_processes_equal_one_process_with_both_images(coco_dataset, tmp_path
         assert result.returncode == 0, result.stdout[-3000:]
         finals[gpus] = torch.load(os.path.join(output_dir, "model_final.pth"), map_location="cpu", weights_only=False)["model"]
     seed_all_rng(0)  # what train_net.py's default_setup does with SEED 0 on rank 0: the same init
-    initial = DenseCLIPTrainer.build_model(get_denseclip_cfg(CONFIG, common))
+    initial = DenseCLIPTrainer.build_model(load_cfg(CONFIG, common))
     changed = 0
     for key, value in finals[1].items():
         if key.endswith("num_batches_tracked"):  # NaiveSyncBatchNorm does not count its steps
@@ -157,9 +157,9 @@ def test_two_processes_equal_one_process_with_both_images(coco_dataset, tmp_path
         rtol = 0.1 if key.endswith("running_var") else 1e-4
         torch.testing.assert_close(finals[2][key], value, rtol=rtol, atol=1e-6, msg=key)
         changed += not torch.equal(value, initial.state_dict()[key])
-    bn = "backbone.bottom_up.image_encoder.layer1.0.bn1."
+    bn = "backbone.bottom_up.layer1.0.bn1."
     assert not torch.equal(finals[2][bn + "running_mean"], initial.state_dict()[bn + "running_mean"])
     assert not torch.equal(finals[2][bn + "weight"], initial.state_dict()[bn + "weight"])  # trained
     assert changed > 10  # the step did move the model, the learnable contexts included
-    contexts = "backbone.bottom_up.score_map.text_encoder.contexts"
+    contexts = "backbone.score_map.text_encoder.contexts"
     assert not torch.equal(finals[2][contexts], initial.state_dict()[contexts])

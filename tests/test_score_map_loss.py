@@ -74,7 +74,7 @@ def test_loss_by_hand_and_empty_image_contributes_nothing():
     a, b = 0.5, -1.0
     score_map = torch.tensor([a, b, 3.0, -3.0]).view(2, 2, 1, 1).requires_grad_()
     batch = [instances([[0, 0, 8, 8], [4, 4, 12, 16]], [1, 0]), instances([], [])]
-    loss = ScoreMapLoss(weight=2.0, stride=4)(score_map, batch, image_size=(32, 32))
+    loss = ScoreMapLoss(weight=2.0, stride=4, target="box")(score_map, batch, image_size=(32, 32))
     expected = (6 * bce(a, 1) + 3 * bce(a, 0) + 4 * bce(b, 1) + 5 * bce(b, 0)) / 18
     assert loss.item() == pytest.approx(2.0 * expected, rel=1e-6)
     loss.backward()
@@ -83,7 +83,7 @@ def test_loss_by_hand_and_empty_image_contributes_nothing():
 
 def test_no_boxes_anywhere_gives_zero_not_nan():
     score_map = torch.randn(2, 3, 2, 2, requires_grad=True)
-    loss = ScoreMapLoss()(score_map, [instances([], []), instances([], [])], image_size=(64, 64))
+    loss = ScoreMapLoss(weight=1.0, stride=4, target="box")(score_map, [instances([], []), instances([], [])], image_size=(64, 64))
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(score_map.grad).all()
 

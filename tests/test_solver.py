@@ -6,8 +6,7 @@ from detectron2.utils.events import EventStorage
 
 from denseclip.solver import build_optimizer
 
-from helpers import tiny_detector_cfg
-from test_meta_arch import training_batch
+from helpers import tiny_detector_cfg, training_batch
 
 
 @pytest.fixture
@@ -27,31 +26,31 @@ def test_parameter_groups(model_and_optimizer):
     cfg, model, optimizer = model_and_optimizer
     assert isinstance(optimizer, torch.optim.AdamW)
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    bottom_up = model.backbone.bottom_up
-    text = bottom_up.score_map.text_encoder
+    image_encoder = model.backbone.bottom_up
+    score_map = model.backbone.score_map
+    text = score_map.text_encoder
     frozen = [p for n, p in text.named_parameters() if n != "contexts"]
     assert frozen and not any(id(p) in in_optimizer for p in frozen)
 
     base = cfg.SOLVER.BASE_LR
-    assert group_of(optimizer, bottom_up.image_encoder.layer1[0].conv1.weight)["lr"] == pytest.approx(0.1 * base)
-    assert group_of(optimizer, bottom_up.image_encoder.attnpool.q_proj.weight)["lr"] == pytest.approx(0.1 * base)
+    assert group_of(optimizer, image_encoder.layer1[0].conv1.weight)["lr"] == pytest.approx(0.1 * base)
+    assert group_of(optimizer, image_encoder.attnpool.q_proj.weight)["lr"] == pytest.approx(0.1 * base)
     assert group_of(optimizer, text.contexts)["lr"] == pytest.approx(base)
-    assert group_of(optimizer, bottom_up.score_map.gamma)["lr"] == pytest.approx(base)
-    assert group_of(optimizer, model.backbone.fpn_lateral5.weight)["lr"] == pytest.approx(base)
+    assert group_of(optimizer, score_map.gamma)["lr"] == pytest.approx(base)
+    assert group_of(optimizer, model.backbone.neck.fpn_lateral5.weight)["lr"] == pytest.approx(base)
 
     # The release's rule: no weight decay exactly for parameters whose name contains "norm".
     names = {p: n for n, p in model.named_parameters()}
-    decoder = bottom_up.score_map.context_decoder
-    image_encoder = bottom_up.image_encoder
+    decoder = score_map.context_decoder
     for param, decayed in (
         (decoder.layers[0].norm1.weight, False),
         (decoder.layers[0].norm3.bias, False),
         (decoder.memory_proj[0].weight, True),  # a LayerNorm, but named memory_proj.0
         (image_encoder.bn1.weight, True),  # the trained (Sync)BatchNorm, named bn1
         (image_encoder.layer1[0].bn3.bias, True),
-        (model.backbone.fpn_lateral5.weight, True),
+        (model.backbone.neck.fpn_lateral5.weight, True),
         (text.contexts, True),
-        (bottom_up.score_map.gamma, True),
+        (score_map.gamma, True),
     ):
         assert ("norm" not in names[param]) == decayed
         assert group_of(optimizer, param)["weight_decay"] == pytest.approx(1e-4 if decayed else 0.0), names[param]
@@ -59,19 +58,18 @@ def test_parameter_groups(model_and_optimizer):
 
 def test_one_step_trains_contexts_and_gamma_but_not_the_text_encoder(model_and_optimizer):
     cfg, model, optimizer = model_and_optimizer
-    text = model.backbone.bottom_up.score_map.text_encoder
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with EventStorage():
         losses = model(training_batch(with_masks=True))
     sum(losses.values()).backward()
     optimizer.step()
     after = dict(model.named_parameters())
-    text_prefix = "backbone.bottom_up.score_map.text_encoder."
+    text_prefix = "backbone.score_map.text_encoder."
     for name, value in before.items():
         if name.startswith(text_prefix) and not name.endswith("contexts"):
             assert torch.equal(after[name], value), name
     assert not torch.equal(after[text_prefix + "contexts"], before[text_prefix + "contexts"])
-    assert not torch.equal(after["backbone.bottom_up.score_map.gamma"], before["backbone.bottom_up.score_map.gamma"])
+    assert not torch.equal(after["backbone.score_map.gamma"], before["backbone.score_map.gamma"])
 
 
 def test_full_model_gradient_clipping():

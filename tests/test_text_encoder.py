@@ -9,14 +9,14 @@ from detectron2.layers import ShapeSpec
 from denseclip.checkpoint import DenseCLIPCheckpointer, as_clip_state_dict, load_clip_weights
 from denseclip.modeling import ContextTextEncoder, build_clip_fpn_backbone, tokenize_class_names
 
-from helpers import tiny_cfg
+from helpers import clip_resnet, text_encoder, tiny_cfg
 
 NAMES = ["person", "traffic light", "hair drier", "dog"]
 
 
-def tiny_encoder(num_context=4, names=NAMES, **kwargs):
+def tiny_encoder(**overrides):
     torch.manual_seed(0)
-    return ContextTextEncoder(names, embed_dim=32, width=32, heads=2, layers=1, num_context=num_context, **kwargs)
+    return text_encoder(NAMES, **overrides)
 
 
 def test_tokenization_layout():
@@ -43,6 +43,7 @@ def relative_error(actual, expected) -> float:
     return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(OPENAI_TEXT))
 @pytest.mark.parametrize("file_format", ["torchscript", "state_dict"])
 def test_text_encoder_equals_openai_clip_through_model_weights(name, file_format, open_clip_models, clip_checkpoints):
@@ -70,8 +71,9 @@ def test_gelu_text_encoder_is_another_function(open_clip_models):
     clip = open_clip_models("RN50-quickgelu")
     encoders = {}
     for activation in ("QuickGELU", "GELU"):
-        encoders[activation] = ContextTextEncoder(
-            NAMES, embed_dim=1024, prompt_length=77, num_context=0, activation=activation
+        encoders[activation] = text_encoder(
+            NAMES, embed_dim=1024, width=512, heads=8, layers=12, prompt_length=77, num_context=0,
+            activation=activation,
         ).eval()
         load_clip_weights(torch.nn.ModuleDict({"text": encoders[activation], "image": _rn50_image_encoder()}),
                           as_clip_state_dict(clip.state_dict()))
@@ -84,7 +86,7 @@ def test_gelu_text_encoder_is_another_function(open_clip_models):
 def test_contexts_start_as_the_release_does():
     """The release's rule: torch's trunc_normal_ defaults, mean 0, std 1, cut at -2 and 2."""
     torch.manual_seed(0)
-    contexts = ContextTextEncoder(NAMES, embed_dim=32, width=512, heads=2, layers=1, num_context=8).contexts
+    contexts = text_encoder(NAMES, width=512, num_context=8).contexts
     assert contexts.shape == (8, 512)
     assert contexts.abs().max().item() <= 2.0
     assert contexts.abs().max().item() > 1.9  # the cut is reached, nothing is rescaled
@@ -96,9 +98,7 @@ def test_contexts_start_as_the_release_does():
 
 
 def _rn50_image_encoder():
-    from denseclip.modeling import CLIPResNet
-
-    return CLIPResNet([3, 4, 6, 3], input_resolution=224)
+    return clip_resnet(layers=[3, 4, 6, 3], width=64, embed_dim=1024, input_resolution=224)
 
 
 def test_contexts_sit_after_start_token_and_are_the_only_trainable_part():

@@ -1,15 +1,15 @@
 """Training and evaluating tiny DenseCLIP detectors the way users run them: DenseCLIPTrainer and
 train_net.py on COCO-format data."""
-import json
 import os
 
 import numpy as np
 import pytest
 
-from denseclip import get_denseclip_cfg
 from denseclip.engine import DenseCLIPTrainer
 
-from helpers import TINY_SHAPES_CONFIGS, run_script, write_coco_dataset
+from helpers import TINY_SHAPES_CONFIGS, dataset_opts, load_cfg, run_script, tiny_opts, write_coco_dataset
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -17,28 +17,11 @@ def coco_dataset(tmp_path_factory):
     return write_coco_dataset(str(tmp_path_factory.mktemp("own_dataset")), num_images=8)
 
 
-def dataset_opts(json_file, image_dir):
-    return [
-        "DATASETS.COCO_FORMAT.TRAIN_JSON", json_file, "DATASETS.COCO_FORMAT.TRAIN_IMAGES", image_dir,
-        "DATASETS.COCO_FORMAT.TEST_JSON", json_file, "DATASETS.COCO_FORMAT.TEST_IMAGES", image_dir,
-    ]
-
-
-def tiny_opts(kind, output_dir, iterations):
-    head = "MODEL.RETINANET.NUM_CLASSES" if kind == "retinanet" else "MODEL.ROI_HEADS.NUM_CLASSES"
-    return [
-        head, "3", "OUTPUT_DIR", output_dir, "SOLVER.MAX_ITER", str(iterations), "SOLVER.IMS_PER_BATCH", "4",
-        "SOLVER.WARMUP_ITERS", "5", "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD", "1000",
-        "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "96",
-        "INPUT.MAX_SIZE_TEST", "96", "DATALOADER.NUM_WORKERS", "0", "SEED", "0",
-    ]
-
-
 @pytest.mark.parametrize("kind", ["retinanet", "mask_rcnn"])
 def test_train_then_eval_only(kind, coco_dataset, tmp_path):
     output_dir = str(tmp_path / kind)
     opts = dataset_opts(*coco_dataset) + tiny_opts(kind, output_dir, iterations=30)
-    cfg = get_denseclip_cfg(TINY_SHAPES_CONFIGS[kind], opts)
+    cfg = load_cfg(TINY_SHAPES_CONFIGS[kind], opts)
     cfg.DATASETS.TEST = ()  # evaluation is train_net.py --eval-only's job below
     trainer = DenseCLIPTrainer(cfg)
     trainer.resume_or_load(resume=False)
@@ -63,27 +46,30 @@ def test_train_then_eval_only(kind, coco_dataset, tmp_path):
 
 
 def test_own_dataset_class_names_come_from_the_json(coco_dataset):
-    cfg = get_denseclip_cfg(TINY_SHAPES_CONFIGS["mask_rcnn"], dataset_opts(*coco_dataset) + ["MODEL.ROI_HEADS.NUM_CLASSES", "3"])
+    cfg = load_cfg(TINY_SHAPES_CONFIGS["mask_rcnn"], dataset_opts(*coco_dataset) + ["MODEL.ROI_HEADS.NUM_CLASSES", "3"])
     assert cfg.DATASETS.TRAIN == ("coco_format_train",) and cfg.DATASETS.TEST == ("coco_format_test",)
     model = DenseCLIPTrainer.build_model(cfg)
     assert model.backbone.class_names == ["apple", "bottle", "cup"]
 
 
 def test_own_dataset_class_count_mismatch(coco_dataset):
-    cfg = get_denseclip_cfg(TINY_SHAPES_CONFIGS["mask_rcnn"], dataset_opts(*coco_dataset))  # 5 classes
+    cfg = load_cfg(TINY_SHAPES_CONFIGS["mask_rcnn"], dataset_opts(*coco_dataset))  # 5 classes
+    with pytest.raises(ValueError, match=r"3 classes \(apple, bottle, cup\).* 5 \(MODEL.ROI_HEADS.NUM_CLASSES\)"):
+        DenseCLIPTrainer.build_model(cfg)
+    cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"  # the CLIP baseline: no prompts, the dataset is checked
     with pytest.raises(ValueError, match=r"has 3 classes but MODEL.ROI_HEADS.NUM_CLASSES is 5.*NUM_CLASSES 3"):
         DenseCLIPTrainer.build_model(cfg)
 
 
 def test_own_dataset_class_name_too_long(tmp_path):
     json_file, image_dir = write_coco_dataset(str(tmp_path), class_names=("apple", "extraordinarily long teapot lid", "cup"))
-    cfg = get_denseclip_cfg(TINY_SHAPES_CONFIGS["mask_rcnn"], dataset_opts(json_file, image_dir) + ["MODEL.ROI_HEADS.NUM_CLASSES", "3"])
+    cfg = load_cfg(TINY_SHAPES_CONFIGS["mask_rcnn"], dataset_opts(json_file, image_dir) + ["MODEL.ROI_HEADS.NUM_CLASSES", "3"])
     with pytest.raises(ValueError, match=r"'extraordinarily long teapot lid'.*PROMPT_LENGTH"):
         DenseCLIPTrainer.build_model(cfg)
 
 
 def test_own_dataset_missing_files_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="TRAIN_JSON: no such file"):
-        get_denseclip_cfg(TINY_SHAPES_CONFIGS["mask_rcnn"], dataset_opts(str(tmp_path / "nope.json"), str(tmp_path)))
+        load_cfg(TINY_SHAPES_CONFIGS["mask_rcnn"], dataset_opts(str(tmp_path / "nope.json"), str(tmp_path)))
     with pytest.raises(ValueError, match="Set both DATASETS.COCO_FORMAT.TRAIN_JSON"):
-        get_denseclip_cfg(TINY_SHAPES_CONFIGS["mask_rcnn"], ["DATASETS.COCO_FORMAT.TRAIN_JSON", "x.json"])
+        load_cfg(TINY_SHAPES_CONFIGS["mask_rcnn"], ["DATASETS.COCO_FORMAT.TRAIN_JSON", "x.json"])

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from detectron2.modeling import build_model
@@ -9,9 +10,7 @@ from detectron2.utils.events import EventStorage
 
 from denseclip.engine import DenseCLIPTrainer
 
-from helpers import tiny_detector_cfg, write_coco_dataset
-from test_bad_input import tiny_cfg
-from test_meta_arch import training_batch
+from helpers import data_cfg, tiny_detector_cfg, training_batch, write_coco_dataset
 
 
 def test_image_larger_than_the_positional_grid():
@@ -22,7 +21,7 @@ def test_image_larger_than_the_positional_grid():
     image = torch.rand(3, 1440, 1600) * 255
     with torch.no_grad():
         (output,) = model([{"image": image, "height": 1440, "width": 1600}])
-        score_map = model.backbone(model.preprocess_image([{"image": image}]).tensor)["score_map"]
+        _, score_map = model.backbone.forward_with_score_map(model.preprocess_image([{"image": image}]).tensor)
     assert score_map.shape[-2:] == (45, 50) and torch.isfinite(score_map).all()
     assert output["instances"].image_size == (1440, 1600)
 
@@ -45,6 +44,7 @@ def test_very_small_images_train_and_infer():
     assert output["instances"].image_size == (12, 16)
 
 
+@pytest.mark.slow
 def test_images_without_objects_train_and_evaluate(tmp_path):
     json_file, image_dir = write_coco_dataset(str(tmp_path), num_images=6)
     with open(json_file) as f:
@@ -54,7 +54,7 @@ def test_images_without_objects_train_and_evaluate(tmp_path):
     with open(json_file, "w") as f:
         json.dump(coco, f)
     output_dir = str(tmp_path / "output")
-    cfg = tiny_cfg(json_file, image_dir, output_dir, iterations=6, extra=["DATALOADER.FILTER_EMPTY_ANNOTATIONS", "False"])
+    cfg = data_cfg(json_file, image_dir, output_dir, iterations=6, extra=["DATALOADER.FILTER_EMPTY_ANNOTATIONS", "False"])
     cfg.DATASETS.TEST = ("coco_format_test",)
     cfg.SOLVER.IMS_PER_BATCH = 6  # every batch holds the object-less images
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0  # a barely trained model still yields detections
@@ -63,5 +63,5 @@ def test_images_without_objects_train_and_evaluate(tmp_path):
     results = trainer.train()
     losses = [v for v, _ in trainer.storage.history("total_loss").values()]
     assert len(losses) == 6 and np.isfinite(losses).all()
-    assert set(results) == {"bbox", "segm"}
+    assert set(results) == {"bbox", "segm", "score_maps"}  # the shapes config measures score maps too
     assert np.isnan(results["bbox"]["AP-cup"]) and np.isfinite(results["bbox"]["AP"])

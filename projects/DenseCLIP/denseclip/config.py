@@ -41,9 +41,10 @@ def add_denseclip_config(cfg):
     # ---------------------------------------------------------------------------------------------
     # DenseCLIP language guidance: pixel-text score maps concatenated to res5, auxiliary loss.
     # ---------------------------------------------------------------------------------------------
+    # Whether a detector is language-guided is decided by MODEL.META_ARCHITECTURE: DenseCLIPRetinaNet and
+    # DenseCLIPRCNN are; with the stock RetinaNet or GeneralizedRCNN the same backbone builders give the
+    # "CLIP" baselines (no text, no score map).
     cfg.MODEL.DENSECLIP = CN()
-    # False builds the "CLIP" baseline backbone: CLIP ResNet + FPN, no text, no score map.
-    cfg.MODEL.DENSECLIP.ENABLED = False
     # Class names for the prompts; empty takes the thing_classes of DATASETS.TRAIN[0].
     cfg.MODEL.DENSECLIP.CLASS_NAMES = []
     # Token positions per class name: start token, the name's BPE tokens, end token.
@@ -56,6 +57,9 @@ def add_denseclip_config(cfg):
     cfg.MODEL.DENSECLIP.GAMMA_INIT = 1e-4
     # Cache the text encoder's output in eval mode (it only depends on the learned contexts).
     cfg.MODEL.DENSECLIP.CACHE_TEXT_EMBEDDINGS = True
+    # Inference also returns "score_maps" (K x H x W logits on the original image) per image; the
+    # evaluator then also measures how well they locate each class (ScoreMapEvaluator).
+    cfg.MODEL.DENSECLIP.RETURN_SCORE_MAPS = False
 
     # Context decoder (vision-to-language prompting): text embeddings attend to the image.
     cfg.MODEL.DENSECLIP.CONTEXT_DECODER = CN()
@@ -107,14 +111,11 @@ def add_denseclip_config(cfg):
 def get_denseclip_cfg(config_file: str = "", opts: Sequence[str] = ()) -> CN:
     """
     Detectron2's default config with DenseCLIP's keys, merged from ``config_file`` and ``KEY VALUE``
-    overrides, with own COCO-format datasets (DATASETS.COCO_FORMAT) registered. Not frozen.
+    overrides. Not frozen. (Tools that read data then call ``register_coco_format_datasets(cfg)``.)
     """
-    from .data.datasets import register_coco_format_datasets
-
     cfg = get_cfg()
     add_denseclip_config(cfg)
     if config_file:
         cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
-    register_coco_format_datasets(cfg)
     return cfg

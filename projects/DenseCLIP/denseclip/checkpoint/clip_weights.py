@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..modeling.backbone.clip_resnet import CLIPResNet, resize_positional_grid
+from ..modeling.backbone import CLIPResNet, resize_positional_grid
 from ..modeling.text_encoder import ContextTextEncoder
 
 __all__ = [

@@ -1,8 +1,5 @@
-"""Single-image inference that can also return DenseCLIP's pixel-text score maps."""
-from typing import Optional, Tuple
-
-import numpy as np
-import torch
+"""Single-image inference that can also return DenseCLIP's pixel-text score maps, for any names."""
+from typing import List, Optional, Sequence
 
 import detectron2.data.transforms as T
 from detectron2.data import MetadataCatalog
@@ -10,19 +7,23 @@ from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
 from ..checkpoint import DenseCLIPCheckpointer
-from ..modeling import capture_score_map
-from ..utils.visualization import score_map_to_image
+from ..modeling import DenseCLIPDetector
 
 __all__ = ["DenseCLIPPredictor"]
 
 
 class DenseCLIPPredictor(DefaultPredictor):
     """
-    Detectron2's DefaultPredictor (BGR image in, predictions out), loading weights with
-    DenseCLIPCheckpointer, plus :meth:`predict_with_score_maps`.
+    Detectron2's DefaultPredictor (a BGR image in, the model's output for it out), loading
+    MODEL.WEIGHTS with DenseCLIPCheckpointer.
+
+    With ``score_maps`` (DenseCLIP models only) the output also holds "score_maps", K x H x W
+    score-map logits on the image, for :attr:`score_map_names`: the detector's classes, or
+    ``vocabulary``, any names the learned prompts and context decoder can score (the detections
+    keep the detector's own classes).
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, score_maps: bool = False, vocabulary: Optional[Sequence[str]] = None):
         # DefaultPredictor.__init__ with DenseCLIP's checkpointer (clear errors, CLIP files).
         self.cfg = cfg.clone()
         self.model = build_model(self.cfg).eval()
@@ -33,22 +34,15 @@ class DenseCLIPPredictor(DefaultPredictor):
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT must be RGB or BGR, got {self.input_format!r}")
+        if score_maps or vocabulary is not None:
+            if not isinstance(self.model, DenseCLIPDetector):
+                raise ValueError(
+                    f"Score maps need a DenseCLIP meta-architecture; {cfg.MODEL.META_ARCHITECTURE} has none "
+                    f"(the CLIP baseline)"
+                )
+            self.model.return_score_maps = True
+            self.model.vocabulary = vocabulary
 
-    def predict_with_score_maps(self, image_bgr: np.ndarray) -> Tuple[dict, Optional[torch.Tensor]]:
-        """
-        Returns:
-            the model's predictions for the image, and its K x H x W per-class score-map
-            probabilities aligned with the image (None for models without score maps).
-        """
-        with capture_score_map(self.model.backbone) as captured:
-            predictions = self(image_bgr)
-        if "score_map" not in captured:
-            return predictions, None
-        height, width = image_bgr.shape[:2]
-        resized = T.ResizeShortestEdge.get_output_shape(
-            height, width, self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MAX_SIZE_TEST
-        )
-        probabilities = score_map_to_image(
-            captured["score_map"][0], captured["image_size"], resized, (height, width)
-        )
-        return predictions, probabilities
+    @property
+    def score_map_names(self) -> List[str]:
+        return self.model.score_map_names

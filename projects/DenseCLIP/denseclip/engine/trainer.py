@@ -3,40 +3,43 @@ checkpointing, COCO evaluation and distributed training that also works on CPU (
 import logging
 import os
 import weakref
+from typing import Tuple
 
 import torch
 
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
-from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.modeling import GeneralizedRCNN, RetinaNet
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import DenseCLIPCheckpointer
 from ..data import DenseCLIPDatasetMapper
+from ..evaluation import ScoreMapEvaluator
 from ..solver import build_optimizer
 
 __all__ = ["DenseCLIPTrainer", "check_class_count", "head_num_classes"]
 
 
-def _head(cfg) -> str:
-    """The config node under MODEL that holds the detector head's NUM_CLASSES."""
-    return "RETINANET" if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE else "ROI_HEADS"
+def head_num_classes(model: torch.nn.Module) -> Tuple[int, str]:
+    """The detector head's class count and the config key that sets it."""
+    if isinstance(model, GeneralizedRCNN):
+        return model.roi_heads.num_classes, "MODEL.ROI_HEADS.NUM_CLASSES"
+    if isinstance(model, RetinaNet):
+        return model.num_classes, "MODEL.RETINANET.NUM_CLASSES"
+    raise TypeError(f"{type(model).__name__} is neither a RetinaNet nor a GeneralizedRCNN")
 
 
-def head_num_classes(cfg) -> int:
-    return cfg.MODEL[_head(cfg)].NUM_CLASSES
-
-
-def check_class_count(cfg) -> None:
+def check_class_count(cfg, model: torch.nn.Module) -> None:
     """Every configured dataset must have as many classes as the detector head."""
-    head, expected = _head(cfg), head_num_classes(cfg)
+    expected, key = head_num_classes(model)
     for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
         classes = MetadataCatalog.get(name).get("thing_classes", None)
         if classes is not None and len(classes) != expected:
             raise ValueError(
-                f"Dataset {name!r} has {len(classes)} classes but MODEL.{head}.NUM_CLASSES is {expected}. "
-                f"Set MODEL.{head}.NUM_CLASSES {len(classes)} (on the command line or in the config)."
+                f"Dataset {name!r} has {len(classes)} classes but {key} is {expected}. "
+                f"Set {key} {len(classes)} (on the command line or in the config)."
             )
 
 
@@ -75,8 +78,9 @@ class DenseCLIPTrainer(DefaultTrainer):
 
     @classmethod
     def build_model(cls, cfg):
-        check_class_count(cfg)
-        return super().build_model(cfg)
+        model = super().build_model(cfg)
+        check_class_count(cfg, model)
+        return model
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -113,6 +117,10 @@ class DenseCLIPTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """COCO box (and mask) AP; with MODEL.DENSECLIP.RETURN_SCORE_MAPS also the score maps' IoU."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
         tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-        return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)
+        evaluators = [COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)]
+        if cfg.MODEL.DENSECLIP.RETURN_SCORE_MAPS:
+            evaluators.append(ScoreMapEvaluator(dataset_name))
+        return DatasetEvaluators(evaluators)

@@ -1,6 +1,7 @@
-from .backbone import *  # noqa: F401,F403  (registers the CLIP backbones)
+from . import backbone  # noqa: F401  (registers the CLIP backbones)
+from .backbone import CLIPResNet, LanguageGuidedBackbone, build_clip_fpn_backbone, build_retinanet_clip_fpn_backbone
 from .context_decoder import ContextDecoder
-from .meta_arch import DenseCLIPRCNN, DenseCLIPRetinaNet, capture_score_map
-from .score_map import SCORE_MAP_KEY, PixelTextScoreMap
+from .meta_arch import DenseCLIPDetector, DenseCLIPRCNN, DenseCLIPRetinaNet
+from .score_map import PixelTextScoreMap
 from .score_map_loss import ScoreMapLoss
 from .text_encoder import ContextTextEncoder, tokenize_class_names

@@ -3,6 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from detectron2.config import configurable
+
 __all__ = ["ContextDecoder", "ContextDecoderLayer", "DecoderAttention"]
 
 
@@ -13,7 +15,7 @@ class DecoderAttention(nn.Module):
     attention weights).
     """
 
-    def __init__(self, width: int, heads: int, dropout: float = 0.0):
+    def __init__(self, width: int, heads: int, dropout: float):
         super().__init__()
         if width % heads:
             raise ValueError(f"The context decoder's width {width} is not divisible by its {heads} heads")
@@ -41,7 +43,7 @@ class DecoderAttention(nn.Module):
 class ContextDecoderLayer(nn.Module):
     """Pre-norm: self-attention over the text tokens, cross-attention to the image, MLP (GELU)."""
 
-    def __init__(self, width: int, heads: int, dropout: float = 0.1):
+    def __init__(self, width: int, heads: int, dropout: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
         self.self_attn = DecoderAttention(width, heads, dropout)
@@ -74,14 +76,8 @@ class ContextDecoder(nn.Module):
     Linear weights start truncated-normal with std 0.02, biases at 0.
     """
 
-    def __init__(
-        self,
-        visual_dim: int = 1024,
-        width: int = 256,
-        heads: int = 4,
-        layers: int = 3,
-        dropout: float = 0.1,
-    ):
+    @configurable
+    def __init__(self, *, visual_dim: int, width: int, heads: int, layers: int, dropout: float):
         super().__init__()
         self.memory_proj = nn.Sequential(
             nn.LayerNorm(visual_dim), nn.Linear(visual_dim, width), nn.LayerNorm(width)
@@ -90,6 +86,17 @@ class ContextDecoder(nn.Module):
         self.layers = nn.ModuleList([ContextDecoderLayer(width, heads, dropout) for _ in range(layers)])
         self.out_proj = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, visual_dim))
         self.apply(self._init_weights)
+
+    @classmethod
+    def from_config(cls, cfg):
+        decoder = cfg.MODEL.DENSECLIP.CONTEXT_DECODER
+        return {
+            "visual_dim": cfg.MODEL.CLIP.EMBED_DIM,
+            "width": decoder.WIDTH,
+            "heads": decoder.HEADS,
+            "layers": decoder.LAYERS,
+            "dropout": decoder.DROPOUT,
+        }
 
     @staticmethod
     def _init_weights(module: nn.Module):

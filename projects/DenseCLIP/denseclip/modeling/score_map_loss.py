@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from detectron2.config import configurable
 from detectron2.structures import BitMasks, Instances, PolygonMasks
 from detectron2.utils import comm
 
@@ -50,7 +51,7 @@ TARGETS = ("box", "box_overlap", "mask")
 
 
 def score_map_targets(
-    instances: List[Instances], num_classes: int, height: int, width: int, stride: int, target: str = "box"
+    instances: List[Instances], num_classes: int, height: int, width: int, stride: int, target: str
 ):
     """
     Per-class target maps on the stride-``stride`` grid of the padded batch.
@@ -85,7 +86,8 @@ class ScoreMapLoss(nn.Module):
     those (cell, class) entries of the whole (distributed) batch. No objects anywhere gives 0.
     """
 
-    def __init__(self, weight: float = 1.0, stride: int = 4, target: str = "box"):
+    @configurable
+    def __init__(self, *, weight: float, stride: int, target: str):
         super().__init__()
         if target not in TARGETS:
             raise ValueError(f"MODEL.DENSECLIP.SCORE_MAP_LOSS.TARGET must be one of {TARGETS}, got {target!r}")
@@ -96,7 +98,7 @@ class ScoreMapLoss(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         loss = cfg.MODEL.DENSECLIP.SCORE_MAP_LOSS
-        return cls(weight=loss.WEIGHT, stride=loss.STRIDE, target=loss.TARGET)
+        return {"weight": loss.WEIGHT, "stride": loss.STRIDE, "target": loss.TARGET}
 
     def forward(self, score_map: torch.Tensor, instances: List[Instances], image_size: Tuple[int, int]):
         """

@@ -1,10 +1,15 @@
 """CLIP's text encoder with learnable context tokens, one prompt per class name."""
-from typing import List, Optional, Sequence
+from collections import OrderedDict
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import QuickGELU, TextTransformer
 from torch import nn
+
+from detectron2.config import configurable
+
+from ..data.class_names import resolve_class_names
 
 __all__ = ["ContextTextEncoder", "tokenize_class_names", "ACTIVATIONS"]
 
@@ -46,8 +51,8 @@ def tokenize_class_names(class_names: Sequence[str], prompt_length: int) -> torc
         raise ValueError(
             f"Class names too long for MODEL.DENSECLIP.PROMPT_LENGTH={prompt_length} (start and end "
             f"token included, {prompt_length - 2} name tokens fit): {', '.join(too_long)}. "
-            f"Shorten these names (MODEL.DENSECLIP.CLASS_NAMES, or the dataset's category names) "
-            f"or set MODEL.DENSECLIP.PROMPT_LENGTH {longest}."
+            f"Shorten these names (MODEL.DENSECLIP.CLASS_NAMES, the dataset's category names or the "
+            f"vocabulary) or set MODEL.DENSECLIP.PROMPT_LENGTH {longest}."
         )
     tokens = torch.zeros(len(class_names), prompt_length, dtype=torch.long)
     for row, ids in enumerate(encoded):
@@ -66,22 +71,27 @@ class ContextTextEncoder(TextTransformer):
     ``positional_embedding``, ``ln_final.*``, ``text_projection``); ``contexts`` is DenseCLIP's own.
     Only the first ``prompt_length + num_context`` positional embeddings are kept.
 
-    In eval mode the K x D output is computed once and reused until any of the module's tensors
-    change (an optimizer step, loading weights, moving devices).
+    It encodes the training classes, or any other names (a vocabulary) with the same learned
+    contexts. In eval mode each class set's K x D output is computed once and reused until any of
+    the module's tensors change (an optimizer step, loading weights, moving devices).
     """
 
+    _CACHED_VOCABULARIES = 8
+
+    @configurable
     def __init__(
         self,
         class_names: Sequence[str],
-        embed_dim: int = 1024,
-        width: int = 512,
-        heads: int = 8,
-        layers: int = 12,
-        vocab_size: int = 49408,
-        prompt_length: int = 5,
-        num_context: int = 8,
-        activation: str = "QuickGELU",
-        cache_in_eval: bool = True,
+        *,
+        embed_dim: int,
+        width: int,
+        heads: int,
+        layers: int,
+        vocab_size: int,
+        prompt_length: int,
+        num_context: int,
+        activation: str,
+        cache_in_eval: bool,
     ):
         if activation not in ACTIVATIONS:
             raise ValueError(f"MODEL.CLIP.ACTIVATION must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
@@ -94,9 +104,10 @@ class ContextTextEncoder(TextTransformer):
             output_dim=embed_dim,
             act_layer=ACTIVATIONS[activation],
         )
-        self.activation = activation
         self.class_names: List[str] = list(class_names)
+        self.prompt_length = prompt_length
         self.num_context = num_context
+        self.activation = activation
         self.register_buffer(
             "token_ids", tokenize_class_names(self.class_names, prompt_length), persistent=False
         )
@@ -107,24 +118,39 @@ class ContextTextEncoder(TextTransformer):
         else:
             self.contexts = None
         self.cache_in_eval = cache_in_eval
-        self._cache = None
+        self._cache: "OrderedDict[Tuple[str, ...], Tuple[tuple, torch.Tensor]]" = OrderedDict()
+
+    @classmethod
+    def from_config(cls, cfg):
+        text = cfg.MODEL.CLIP.TEXT
+        return {
+            "class_names": resolve_class_names(cfg),
+            "embed_dim": cfg.MODEL.CLIP.EMBED_DIM,
+            "width": text.WIDTH,
+            "heads": text.HEADS,
+            "layers": text.LAYERS,
+            "vocab_size": text.VOCAB_SIZE,
+            "prompt_length": cfg.MODEL.DENSECLIP.PROMPT_LENGTH,
+            "num_context": cfg.MODEL.DENSECLIP.NUM_CONTEXT,
+            "activation": cfg.MODEL.CLIP.ACTIVATION,
+            "cache_in_eval": cfg.MODEL.DENSECLIP.CACHE_TEXT_EMBEDDINGS,
+        }
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def encode(self) -> torch.Tensor:
+    def encode(self, token_ids: torch.Tensor) -> torch.Tensor:
         """
-        Run the transformer: K x D class embeddings (float32, autocast off).
+        Run the transformer on K tokenized names: K x D class embeddings (float32, autocast off).
 
         The first 1 + M positions (start token and contexts) are the same for every class, and the
         causal mask keeps them from seeing the class tokens; so they are computed once, and only
         the class positions run per class, attending to the shared prefix. Same result as running
         the K full sequences, with about 1 / 3 of the work for COCO's prompts.
         """
-        tokens = self.token_ids
-        with torch.autocast(tokens.device.type, enabled=False):
-            embeddings = self.token_embedding(tokens)  # K x P x W
+        with torch.autocast(token_ids.device.type, enabled=False):
+            embeddings = self.token_embedding(token_ids)  # K x P x W
             num_classes, shared = embeddings.shape[0], 1 + self.num_context
             prefix = embeddings[:1, :1]
             if self.contexts is not None:
@@ -142,44 +168,44 @@ class ContextTextEncoder(TextTransformer):
                 prefix = block(prefix, attn_mask=mask[:shared, :shared])
             x = self.ln_final(suffix)
             # The end token has the largest id; it sits at its token position - 1 in the suffix.
-            end = tokens.argmax(dim=-1) - 1
+            end = token_ids.argmax(dim=-1) - 1
             x = x[torch.arange(num_classes, device=x.device), end]
             return x @ self.text_projection
 
-    def _cache_key(self):
+    def _tensors_version(self):
         return tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
 
-    def forward(self) -> torch.Tensor:
-        """K x D text embeddings, cached in eval mode."""
+    def forward(self, class_names: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """
+        Args:
+            class_names: names to encode; None encodes the training classes.
+        Returns:
+            K x D text embeddings, cached in eval mode.
+        """
+        names = self.class_names if class_names is None else list(class_names)
         if self.training or not self.cache_in_eval:
-            self._cache = None
-            return self.encode()
-        key = self._cache_key()
-        if self._cache is None or self._cache[0] != key:
+            self._cache.clear()
+            return self.encode(self._token_ids(names))
+        key, version = tuple(names), self._tensors_version()
+        cached = self._cache.get(key)
+        if cached is None or cached[0] != version:
             with torch.no_grad():
-                self._cache = (key, self.encode())
-        return self._cache[1]
+                cached = (version, self.encode(self._token_ids(names)))
+            self._cache[key] = cached
+            while len(self._cache) > self._CACHED_VOCABULARIES:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
+        return cached[1]
+
+    def _token_ids(self, names: List[str]) -> torch.Tensor:
+        if names == self.class_names:
+            return self.token_ids
+        return tokenize_class_names(names, self.prompt_length).to(self.token_ids.device)
 
     def train(self, mode: bool = True):
         if mode:
-            self._cache = None  # training recomputes every time; free the memory
+            self._cache.clear()  # training recomputes every time; free the memory
         return super().train(mode)
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, num_context={self.num_context}"
-
-
-def text_encoder_from_config(cfg, class_names: Sequence[str], embed_dim: Optional[int] = None):
-    text = cfg.MODEL.CLIP.TEXT
-    return ContextTextEncoder(
-        class_names,
-        embed_dim=embed_dim or cfg.MODEL.CLIP.EMBED_DIM,
-        width=text.WIDTH,
-        heads=text.HEADS,
-        layers=text.LAYERS,
-        vocab_size=text.VOCAB_SIZE,
-        prompt_length=cfg.MODEL.DENSECLIP.PROMPT_LENGTH,
-        num_context=cfg.MODEL.DENSECLIP.NUM_CONTEXT,
-        activation=cfg.MODEL.CLIP.ACTIVATION,
-        cache_in_eval=cfg.MODEL.DENSECLIP.CACHE_TEXT_EMBEDDINGS,
-    )
+        return f"num_classes={self.num_classes}, num_context={self.num_context}, activation={self.activation}"

@@ -1,27 +1,21 @@
 """
-FLOP and parameter counts of CLIP / DenseCLIP detectors in the convention of the paper's tables
-(DESIGN.md, "How the table's FLOPs were counted"):
+FLOP and parameter counts of CLIP / DenseCLIP detectors in the convention of the paper's tables:
 
-- one multiply-add is one flop (fvcore), model in eval mode under no_grad, weights irrelevant;
-  normalisation layers count as fvcore counts them (eval batch norm: 1 per element);
-- inference FLOPs leave the text encoder out: its K x D output is cached, so it runs once per class
-  set, not per image. Its own FLOPs are counted separately by tracing ``ContextTextEncoder.encode``;
-- RetinaNet: the whole inference is traced;
-- two-stage detectors: backbone + proposal generator are traced on the image, the ROI heads on a
-  fixed dummy workload (box pooler + box head + predictor on 1000 boxes, mask pooler + mask head
-  layers on 100 boxes), whatever real inference on the image would keep.
+- fvcore's counter (one multiply-add is one flop), model in eval mode, weights irrelevant;
+- the text encoder left out of the inference count: its K x D output is cached, so it runs once per
+  class set. Its own flops are counted apart, on ``ContextTextEncoder.encode``;
+- RetinaNet: Detectron2's FlopCountAnalysis of the whole inference;
+- two-stage detectors: backbone + proposal generator traced on the image, the ROI heads on a fixed
+  workload (the box branch on 1000 boxes, the mask branch on 100), whatever the image yields.
 
-fvcore counts convolutions, linear layers, matmuls, einsum, norms and upsampling; the handles below
-add the attention kernels and the other ops these models use, and ``IGNORED_OPS`` lists, with the
-reason, the ops deliberately counted as zero. Anything else is reported as unsupported.
+``EXTRA_HANDLES`` count the ops fvcore has no handle for; ``IGNORED_OPS`` are counted as zero on
+purpose (on top of fvcore's and Detectron2's own lists). Any other op is reported as unsupported.
 """
-import contextlib
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import torch
-from fvcore.nn import FlopCountAnalysis as ModuleFlopCountAnalysis
+from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import elementwise_flop_counter, get_shape
 from torch import nn
 
@@ -31,72 +25,36 @@ from detectron2.utils.analysis import FlopCountAnalysis as DetectorFlopCountAnal
 
 from ..modeling.text_encoder import ContextTextEncoder
 
-__all__ = [
-    "EXTRA_HANDLES",
-    "IGNORED_OPS",
-    "SCRIPTED_HELPERS",
-    "FlopCount",
-    "FlopReport",
-    "analyze_flops",
-    "cached_text_embeddings",
-    "count_inference_flops",
-    "count_module_flops",
-    "count_rcnn_flops",
-    "count_text_encoder_flops",
-    "mean_count",
-    "parameter_split",
-    "rcnn_workload",
-]
+__all__ = ["FlopReport", "count_flops", "parameter_split", "text_encoders", "NUM_BOX_PROPOSALS", "NUM_MASK_BOXES"]
 
 NUM_BOX_PROPOSALS = 1000
 NUM_MASK_BOXES = 100
 
 
-def _prod(shape: Sequence[int]) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
+def _numel(shape) -> int:
+    return int(torch.tensor(shape).prod().item()) if shape else 1
 
 
 def sdpa_flop_jit(inputs, outputs) -> int:
-    """
-    aten::scaled_dot_product_attention(q, k, v, ...): q (..., L, E), k (..., S, E), v (..., S, Ev).
-    Flops of Q K^T plus those of softmax(.) V: batch * L * S * (E + Ev). A causal mask is counted
-    dense, like the matmuls a causal attention is usually written with.
-    """
+    """q (..., L, E), k (..., S, E), v (..., S, Ev): Q K^T and softmax(.) V, batch * L * S * (E + Ev)."""
     q, k, v = (get_shape(x) for x in inputs[:3])
-    return _prod(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
+    return _numel(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
 def native_mha_flop_jit(inputs, outputs) -> int:
-    """
-    aten::_native_multi_head_attention (nn.MultiheadAttention's inference fast path), a whole
-    attention layer in one op: query (B, L, E), key/value (B, S, E). Input projections of q (L
-    tokens) and k, v (S tokens), the two attention products and the output projection.
-    """
+    """nn.MultiheadAttention's fused inference op: q/k/v/output projections and the two products."""
     query, key = get_shape(inputs[0]), get_shape(inputs[1])
-    batch, length, dim = _prod(query[:-2]), query[-2], query[-1]
-    source = key[-2]
-    projections = (2 * length + 2 * source) * dim * dim
-    attention = 2 * length * source * dim
-    return batch * (projections + attention)
+    batch, length, source, dim = _numel(query[:-2]), query[-2], key[-2], query[-1]
+    return batch * ((2 * length + 2 * source) * dim * dim + 2 * length * source * dim)
 
 
 def roi_align_flop_jit(inputs, outputs) -> int:
-    """
-    torchvision::roi_align(features, rois, scale, ph, pw, sampling_ratio, aligned) -> (R, C, ph, pw):
-    one bilinear interpolation (4 multiply-adds) per sampling point. The adaptive sampling ratio
-    (0, Detectron2's default) depends on each box's size; it is counted as 2 x 2 points per bin,
-    what a box gets at its canonical FPN level.
-    """
+    """4 multiply-adds per bilinear sample; the adaptive ratio (0) counted as 2 x 2 samples per bin."""
     ratio = inputs[5].toIValue()
-    points = (ratio if ratio > 0 else 2) ** 2
-    return _prod(get_shape(outputs[0])) * points * 4
+    return _numel(get_shape(outputs[0])) * (ratio if ratio > 0 else 2) ** 2 * 4
 
 
 def baddbmm_flop_jit(inputs, outputs) -> int:
-    """aten::baddbmm(input, batch1 (N, n, m), batch2 (N, m, p), ...): N * n * m * p."""
     n, rows, inner = get_shape(inputs[1])
     return n * rows * inner * get_shape(inputs[2])[-1]
 
@@ -106,230 +64,87 @@ EXTRA_HANDLES = {
     "aten::_native_multi_head_attention": native_mha_flop_jit,
     "aten::baddbmm": baddbmm_flop_jit,
     "torchvision::roi_align": roi_align_flop_jit,
-    # Reductions, counted like fvcore counts adaptive_avg_pool2d: one add per input element.
-    "aten::avg_pool2d": elementwise_flop_counter(1, 0),  # CLIP's stem and anti-aliased downsampling
-    "aten::mean": elementwise_flop_counter(1, 0),  # the attention pool's mean token
-    "aten::linalg_vector_norm": elementwise_flop_counter(1, 0),  # F.normalize of the score map
+    # Reductions, one add per input element as fvcore counts adaptive_avg_pool2d: CLIP's anti-aliasing
+    # average pools, the attention pool's mean token, F.normalize of the score map.
+    "aten::avg_pool2d": elementwise_flop_counter(1, 0),
+    "aten::mean": elementwise_flop_counter(1, 0),
+    "aten::linalg_vector_norm": elementwise_flop_counter(1, 0),
 }
 
-# Ops without multiply-adds, counted as zero on purpose: those met in the 8 COCO models and the
-# tiny test models, plus the rest of Detectron2's own ignore list (utils/analysis.py), which this
-# extends. fvcore itself already ignores relu, cat, reshapes, indexing and the like.
-IGNORED_OPS = {
-    # Elementwise arithmetic (fvcore / Detectron2 convention: only the multiply-adds of layers
-    # count): residual additions, pixel normalisation, box decoding, the score map's 1 / tau.
-    "aten::add": "elementwise",
-    "aten::add_": "elementwise",
-    "aten::sub": "elementwise",
-    "aten::rsub": "elementwise",
-    "aten::mul": "elementwise",
-    "aten::mul_": "elementwise",
-    "aten::div": "elementwise",
-    "aten::div_": "elementwise",
-    "aten::neg": "elementwise",
-    "aten::reciprocal": "elementwise",
-    "aten::exp": "elementwise (box decoding)",
-    "aten::log2": "elementwise (FPN level of each box)",
-    "aten::sqrt": "elementwise (box sizes)",
-    # Activations and normalised scores, as fvcore ignores relu.
-    "aten::gelu": "activation (context decoder and text encoder MLPs)",
-    "aten::sigmoid": "activation (scores)",
-    "aten::sigmoid_": "activation (scores)",
-    "aten::softmax": "scores",
-    "aten::clamp_min": "clamp (F.normalize's eps)",
-    # Lookups, views, padding and casts.
-    "aten::embedding": "table lookup (token embeddings)",
-    "aten::expand_as": "view",
-    "aten::unflatten": "view",
-    "aten::unbind": "view",
-    "aten::split_with_sizes": "view",
-    "aten::stack": "concatenation",
-    "aten::pad": "padding to a multiple of 32",
-    "aten::constant_pad_nd": "padding",
-    "aten::to": "dtype or device cast",
-    "aten::meshgrid": "anchor grid",
-    "aten::nonzero_numpy": "indexing",
-    "aten::repeat_interleave": "indexing",
-    # Comparisons: top-k candidates, NMS, the end token's argmax, the max-pooled P6.
-    "aten::argmax": "comparison",
-    "aten::argsort": "comparison",
-    "aten::sort": "comparison",
-    "aten::topk": "comparison",
-    "aten::max_pool2d": "comparison",
-    "torchvision::nms": "comparison of box overlaps",
-}
-
-# Detectron2 / torchvision helpers run as TorchScript functions while tracing (prim::CallFunction):
-# bookkeeping around the layers, without multiply-adds. A call to any other function is reported as
-# unsupported, since its ops are hidden from the counter.
-SCRIPTED_HELPERS = {
-    "move_device_like": "device cast",
-    "_convert_boxes_to_pooler_format": "prepends batch indices to boxes",
-    "_create_zeros": "allocates the pooler output",
-    "_batched_nms_coordinate_trick": "torchvision's batched NMS",
-}
+# No multiply-adds of a layer: elementwise arithmetic and activations (Detectron2's convention, which
+# also ignores eval-mode batch norm, an elementwise affine), lookups, views and comparisons.
+IGNORED_OPS = [
+    "aten::add", "aten::add_", "aten::sub", "aten::rsub", "aten::mul", "aten::mul_", "aten::div",
+    "aten::div_", "aten::neg", "aten::reciprocal", "aten::exp", "aten::log2", "aten::sqrt",
+    "aten::batch_norm", "aten::gelu", "aten::sigmoid", "aten::sigmoid_", "aten::softmax", "aten::clamp_min",
+    "aten::embedding", "aten::expand_as", "aten::unflatten", "aten::pad", "aten::meshgrid",
+    "aten::nonzero_numpy", "aten::repeat_interleave", "aten::argmax", "aten::argsort", "aten::sort",
+    "aten::topk", "aten::max_pool2d", "torchvision::nms",
+]
+# Detectron2 and torchvision helpers that run as TorchScript functions while tracing: bookkeeping
+# without multiply-adds. Any other scripted function is reported as unsupported (its ops are hidden).
+SCRIPTED_HELPERS = ["move_device_like", "_convert_boxes_to_pooler_format", "_create_zeros", "_batched_nms_coordinate_trick"]
 
 
-def _scaled(counter: Counter, factor: float) -> Counter:
-    return Counter({k: v * factor for k, v in counter.items()})
+class FlopReport:
+    """Flops summed over several fvcore analyses: total, per module name and per operator, plus the
+    ops without a handle. Module names of an analysis can be put under a prefix."""
 
-
-@dataclass
-class FlopCount:
-    """
-    Flops per module name ("" is the whole model) and per operator; how often each op with no
-    handle (``unsupported``) and each deliberately ignored op (``ignored``) was met.
-    """
-
-    by_module: Counter = field(default_factory=Counter)
-    by_operator: Counter = field(default_factory=Counter)
-    unsupported: Counter = field(default_factory=Counter)
-    ignored: Counter = field(default_factory=Counter)
+    def __init__(self):
+        self.by_module, self.by_operator, self.unsupported = Counter(), Counter(), Counter()
 
     @property
     def total(self) -> float:
         return self.by_module[""]
 
-    def __add__(self, other: "FlopCount") -> "FlopCount":
-        return FlopCount(
-            self.by_module + other.by_module,
-            self.by_operator + other.by_operator,
-            self.unsupported + other.unsupported,
-            self.ignored + other.ignored,
-        )
+    def add(self, analysis, prefix: str = "", strip: str = "") -> "FlopReport":
+        calls = Counter()
 
-    def scaled(self, factor: float) -> "FlopCount":
-        """Flops times ``factor``; op occurrences unchanged."""
-        return FlopCount(
-            _scaled(self.by_module, factor), _scaled(self.by_operator, factor), self.unsupported, self.ignored
-        )
-
-    def top_level(self) -> Dict[str, float]:
-        """Flops of each direct child module, plus "(other)" for ops outside all of them."""
-        children = {k: v for k, v in self.by_module.items() if k and "." not in k}
-        rest = self.total - sum(children.values())
-        if abs(rest) > 1e-6 * max(self.total, 1):
-            children["(other)"] = rest
-        return children
-
-
-def mean_count(counts: Sequence[FlopCount]) -> FlopCount:
-    """Mean flops of several inputs' counts; op occurrences are the most met in one input."""
-    total = FlopCount()
-    for count in counts:
-        total = total + count
-    mean = total.scaled(1.0 / len(counts))
-    mean.unsupported, mean.ignored = Counter(), Counter()
-    for count in counts:
-        mean.unsupported |= count.unsupported
-        mean.ignored |= count.ignored
-    return mean
-
-
-def _prefixed(counter: Counter, prefix: str) -> Counter:
-    """Module names relative to a parent ``prefix`` ("" stays the root and gains the parent)."""
-    if not prefix:
-        return Counter(counter)
-    out = Counter({f"{prefix}.{k}" if k else prefix: v for k, v in counter.items()})
-    out[""] = counter[""]
-    return out
-
-
-def _configured(analysis) -> Tuple[object, Counter, Counter]:
-    """
-    Install the handles; ignored ops and known scripted helpers get handles that count zero flops
-    but record the op, scripted functions not in SCRIPTED_HELPERS are recorded as unsupported.
-    fvcore's own warnings are silenced: the caller reports. Returns (analysis, ignored, unknown).
-    """
-    ignored, unknown = Counter(), Counter()
-
-    def ignore(op: str):
-        def handle(inputs, outputs) -> int:
-            ignored[op] += 1
+        def call_function(inputs, outputs) -> int:
+            calls[inputs[0].node().s("name")] += 1
             return 0
 
-        return handle
+        analysis.set_op_handle(**EXTRA_HANDLES, **{op: None for op in IGNORED_OPS})
+        analysis.set_op_handle("prim::CallFunction", call_function)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        for name, flops in analysis.by_module().items():
+            if name.startswith(strip) or name == strip.rstrip("."):
+                name = name[len(strip):] if name.startswith(strip) else ""
+                self.by_module[".".join(p for p in (prefix, name) if p)] += flops
+                if prefix and not name:
+                    self.by_module[""] += flops
+        self.by_operator.update({k: v for k, v in analysis.by_operator().items() if v})
+        self.unsupported.update(analysis.unsupported_ops())
+        self.unsupported.update({f"prim::CallFunction[{f}]": n for f, n in calls.items() if f not in SCRIPTED_HELPERS})
+        return self
 
-    def call_function(inputs, outputs) -> int:
-        op = f"prim::CallFunction[{inputs[0].node().s('name')}]"
-        (ignored if op[len("prim::CallFunction["):-1] in SCRIPTED_HELPERS else unknown)[op] += 1
-        return 0
-
-    analysis.set_op_handle(**EXTRA_HANDLES)
-    analysis.set_op_handle(**{op: ignore(op) for op in IGNORED_OPS})
-    analysis.set_op_handle("prim::CallFunction", call_function)
-    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    return analysis, ignored, unknown
-
-
-def _collect(analysis, prefix: str = "", strip: str = "") -> FlopCount:
-    """Read an fvcore analysis into a FlopCount, renaming ``strip``-ed modules under ``prefix``."""
-    analysis, ignored, unknown = _configured(analysis)
-    by_module = Counter()
-    for name, flops in analysis.by_module().items():
-        if name == strip.rstrip("."):
-            by_module[""] += flops
-        elif name.startswith(strip):
-            by_module[name[len(strip):]] += flops
-    by_operator = Counter({k: v for k, v in analysis.by_operator().items() if v})
-    unsupported = Counter(analysis.unsupported_ops()) + unknown
-    return FlopCount(_prefixed(by_module, prefix), by_operator, unsupported, ignored)
+    def scaled(self, factor: float) -> "FlopReport":
+        report = FlopReport()
+        report.by_module = Counter({k: v * factor for k, v in self.by_module.items()})
+        report.by_operator = Counter({k: v * factor for k, v in self.by_operator.items()})
+        report.unsupported = self.unsupported
+        return report
 
 
-def count_module_flops(module: nn.Module, inputs: Tuple, prefix: str = "") -> FlopCount:
-    """Trace ``module(*inputs)`` (tensors) under no_grad; module names are put under ``prefix``."""
-    with torch.no_grad():
-        return _collect(ModuleFlopCountAnalysis(module, inputs), prefix)
-
-
-def _text_encoders(model: nn.Module) -> List[ContextTextEncoder]:
+def text_encoders(model: nn.Module) -> List[ContextTextEncoder]:
     return [m for m in model.modules() if isinstance(m, ContextTextEncoder)]
 
 
-@contextlib.contextmanager
-def cached_text_embeddings(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Within the block, text encoders cache their output (``enabled``) and the caches are filled."""
-    encoders = _text_encoders(model)
-    saved = [e.cache_in_eval for e in encoders]
-    try:
-        for encoder in encoders:
-            encoder.cache_in_eval = enabled
-            if enabled and not encoder.training:
-                with torch.no_grad():
-                    encoder()
-        yield
-    finally:
-        for encoder, cache in zip(encoders, saved):
-            encoder.cache_in_eval = cache
-
-
 class _Encode(nn.Module):
-    """Calls ``ContextTextEncoder.encode`` (the forward may just return the cache)."""
-
-    def __init__(self, text_encoder: ContextTextEncoder):
+    def __init__(self, encoder: ContextTextEncoder):
         super().__init__()
-        self.text_encoder = text_encoder
+        self.encoder = encoder
 
-    def forward(self):
-        return self.text_encoder.encode()
-
-
-def count_text_encoder_flops(model: nn.Module) -> FlopCount:
-    """Flops of one run of each text encoder of the model (K prompts through the transformer)."""
-    count = FlopCount()
-    for encoder in _text_encoders(model):
-        count = count + count_module_flops(_Encode(encoder), ())
-    return count
+    def forward(self, token_ids):
+        return self.encoder.encode(token_ids)
 
 
-class _BackboneAndProposals(nn.Module):
-    """Backbone + proposal generator of a GeneralizedRCNN on preprocessed images (B x 3 x H x W)."""
+class _FirstStage(nn.Module):
+    """Backbone + proposal generator of a GeneralizedRCNN on a preprocessed batch (same module names)."""
 
     def __init__(self, model: GeneralizedRCNN, image_sizes: List[Tuple[int, int]]):
         super().__init__()
-        self.backbone = model.backbone
-        self.proposal_generator = model.proposal_generator
-        self.image_sizes = image_sizes
+        self.backbone, self.proposal_generator, self.image_sizes = model.backbone, model.proposal_generator, image_sizes
 
     def forward(self, images: torch.Tensor):
         features = self.backbone(images)
@@ -337,30 +152,21 @@ class _BackboneAndProposals(nn.Module):
         return tuple(features.values()) + tuple(p.proposal_boxes.tensor for p in proposals)
 
 
-class _BoxHead(nn.Module):
-    """Box pooler + box head + box predictor on R boxes (R x 4, one image)."""
+class _RoIBranch(nn.Module):
+    """A pooler and the ROI-head modules after it (same names as in the ROI heads), on R boxes (R x 4)."""
 
-    def __init__(self, roi_heads):
+    def __init__(self, roi_heads: nn.Module, names: Tuple[str, ...]):
         super().__init__()
-        self.box_pooler = roi_heads.box_pooler
-        self.box_head = roi_heads.box_head
-        self.box_predictor = roi_heads.box_predictor
+        self.names = names
+        for name in names:
+            setattr(self, name, getattr(roi_heads, name))
 
     def forward(self, boxes: torch.Tensor, *features: torch.Tensor):
-        x = self.box_head(self.box_pooler(list(features), [Boxes(boxes)]))
-        return self.box_predictor(x)
-
-
-class _MaskHead(nn.Module):
-    """Mask pooler + the mask head's layers (convs, deconv, predictor) on R boxes (R x 4, one image)."""
-
-    def __init__(self, roi_heads):
-        super().__init__()
-        self.mask_pooler = roi_heads.mask_pooler
-        self.mask_head = roi_heads.mask_head
-
-    def forward(self, boxes: torch.Tensor, *features: torch.Tensor):
-        return self.mask_head.layers(self.mask_pooler(list(features), [Boxes(boxes)]))
+        x = getattr(self, self.names[0])(list(features), [Boxes(boxes)])
+        for name in self.names[1:]:
+            module = getattr(self, name)
+            x = module.layers(x) if name == "mask_head" else module(x)  # the layers, not the loss/inference
+        return x
 
 
 def dummy_boxes(num_boxes: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -372,104 +178,51 @@ def dummy_boxes(num_boxes: int, height: int, width: int, seed: int = 0) -> torch
     return torch.cat([corner, corner + size], dim=1)
 
 
-def count_rcnn_flops(
-    model: GeneralizedRCNN,
-    batched_inputs: List[dict],
-    num_box_proposals: int = NUM_BOX_PROPOSALS,
-    num_mask_boxes: int = NUM_MASK_BOXES,
-) -> FlopCount:
-    """
-    Backbone + proposal generator traced on one image, plus the ROI heads on a fixed workload:
-    the box branch on ``num_box_proposals`` boxes, the mask branch on ``num_mask_boxes``.
-    """
-    if len(batched_inputs) != 1:
-        raise ValueError("Count flops one image at a time")
-    with torch.no_grad():
-        images = model.preprocess_image(batched_inputs)
-        first_stage = _BackboneAndProposals(model, images.image_sizes)
-        count = count_module_flops(first_stage, (images.tensor,))
-        features = model.backbone(images.tensor)
-    roi_heads = model.roi_heads
-    height, width = images.image_sizes[0]
-    box_features = [features[f] for f in roi_heads.box_in_features]
-    boxes = dummy_boxes(num_box_proposals, height, width).to(images.tensor.device)
-    count = count + count_module_flops(_BoxHead(roi_heads), (boxes, *box_features), "roi_heads")
-    if getattr(roi_heads, "mask_on", False):
-        mask_features = [features[f] for f in roi_heads.mask_in_features]
-        boxes = dummy_boxes(num_mask_boxes, height, width, seed=1).to(images.tensor.device)
-        count = count + count_module_flops(_MaskHead(roi_heads), (boxes, *mask_features), "roi_heads")
-    return count
+def _rcnn_flops(model: GeneralizedRCNN, batched_inputs: List[dict], num_boxes: int, num_masks: int) -> FlopReport:
+    images = model.preprocess_image(batched_inputs)
+    report = FlopReport().add(FlopCountAnalysis(_FirstStage(model, images.image_sizes), (images.tensor,)))
+    features = model.backbone(images.tensor)
+    heads, (height, width) = model.roi_heads, images.image_sizes[0]
+    branches = [(heads.box_in_features, num_boxes, ("box_pooler", "box_head", "box_predictor"))]
+    if getattr(heads, "mask_on", False):
+        branches.append((heads.mask_in_features, num_masks, ("mask_pooler", "mask_head")))
+    for seed, (in_features, count, names) in enumerate(branches):
+        boxes = dummy_boxes(count, height, width, seed).to(images.tensor.device)
+        inputs = (boxes, *(features[f] for f in in_features))
+        report.add(FlopCountAnalysis(_RoIBranch(heads, names), inputs), prefix="roi_heads")
+    return report
 
 
-def count_inference_flops(model: nn.Module, batched_inputs: List[dict]) -> FlopCount:
+def count_flops(
+    model: nn.Module, batched_inputs: List[dict], num_boxes: int = NUM_BOX_PROPOSALS, num_masks: int = NUM_MASK_BOXES
+) -> Tuple[FlopReport, FlopReport]:
     """
-    Flops of the model on one input (a list of one Detectron2 input dict), eval mode: the R-CNN
-    dummy-head convention for GeneralizedRCNN (and subclasses), the whole traced inference otherwise.
-    The text encoder is traced only if it does not cache its output (or its cache is empty).
+    (inference, text encoder) flops of an eval-mode model on one input (a list of one Detectron2
+    input dict), in the paper's convention. The text embeddings are cached first, so the text
+    encoder stays out of the inference trace; its own count is one run on its training classes.
     """
     if model.training:
-        # Not switched here: the caller owns the mode (and the text caches it fills in eval mode).
         raise ValueError("Count flops of a model in eval mode")
-    if isinstance(model, GeneralizedRCNN):
-        return count_rcnn_flops(model, batched_inputs)
+    text, encoders = FlopReport(), text_encoders(model)
+    saved = [encoder.cache_in_eval for encoder in encoders]
     with torch.no_grad():
-        return _collect(DetectorFlopCountAnalysis(model, batched_inputs), strip="model.")
-
-
-@dataclass
-class FlopReport:
-    """Mean flops over the inputs, with the text encoder counted apart."""
-
-    inference: FlopCount  # text encoder excluded (cached output)
-    text_encoder: FlopCount  # one run of the text encoder
-    num_inputs: int
-
-    @property
-    def total_with_text_encoder(self) -> float:
-        return self.inference.total + self.text_encoder.total
-
-    @property
-    def unsupported(self) -> Counter:
-        return self.inference.unsupported + self.text_encoder.unsupported
-
-    @property
-    def ignored(self) -> Counter:
-        return self.inference.ignored + self.text_encoder.ignored
-
-
-def analyze_flops(model: nn.Module, inputs: Sequence[List[dict]]) -> FlopReport:
-    """
-    The paper's convention on each of ``inputs`` (lists of one Detectron2 input dict), averaged:
-    text embeddings cached (whatever MODEL.DENSECLIP.CACHE_TEXT_EMBEDDINGS says) so the text
-    encoder stays out of the trace, and its own flops counted once.
-    """
-    model.eval()
-    with cached_text_embeddings(model):
-        counts = [count_inference_flops(model, batch) for batch in inputs]
-    return FlopReport(mean_count(counts), count_text_encoder_flops(model), len(counts))
+        for encoder in encoders:
+            encoder.cache_in_eval = True
+            encoder()  # fills the cache
+            text.add(FlopCountAnalysis(_Encode(encoder), (encoder.token_ids,)))
+        if isinstance(model, GeneralizedRCNN):
+            inference = _rcnn_flops(model, batched_inputs, num_boxes, num_masks)
+        else:
+            inference = FlopReport().add(DetectorFlopCountAnalysis(model, batched_inputs), strip="model.")
+    for encoder, cache in zip(encoders, saved):
+        encoder.cache_in_eval = cache
+    return inference, text
 
 
 def parameter_split(model: nn.Module) -> Dict[str, int]:
-    """
-    ``inference``: parameters of the deployed model, i.e. all but the frozen CLIP text encoder's
-    (its output is cached), its learnable contexts included; ``text_encoder``: the frozen rest.
-    """
-    frozen_text = {
-        id(p)
-        for encoder in _text_encoders(model)
-        for name, p in encoder.named_parameters()
-        if name != "contexts"
-    }
-    params = {id(p): p.numel() for p in model.parameters()}
-    text = sum(n for key, n in params.items() if key in frozen_text)
-    return {"inference": sum(params.values()) - text, "text_encoder": text}
-
-
-def rcnn_workload(model: nn.Module) -> Optional[Dict[str, int]]:
-    """The dummy ROI-head workload counted for a two-stage model, None for other models."""
-    if not isinstance(model, GeneralizedRCNN):
-        return None
-    workload = {"box_proposals": NUM_BOX_PROPOSALS}
-    if getattr(model.roi_heads, "mask_on", False):
-        workload["mask_boxes"] = NUM_MASK_BOXES
-    return workload
+    """``inference``: all parameters but the frozen text encoders' (their output is cached), the
+    learnable contexts included; ``text_encoder``: the frozen rest."""
+    frozen = {id(p) for e in text_encoders(model) for n, p in e.named_parameters() if n != "contexts"}
+    sizes = {id(p): p.numel() for p in model.parameters()}
+    text = sum(n for key, n in sizes.items() if key in frozen)
+    return {"inference": sum(sizes.values()) - text, "text_encoder": text}

@@ -5,11 +5,10 @@ from typing import Optional, Sequence, Tuple
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-__all__ = ["draw_instances", "render_prediction", "score_map_to_image", "score_map_panel"]
+__all__ = ["draw_instances", "render_prediction", "score_map_panel"]
 
 
 def draw_instances(
@@ -22,27 +21,6 @@ def draw_instances(
     scale = max(1.0, min_side / min(image_rgb.shape[:2]))
     visualizer = Visualizer(image_rgb, metadata, scale=scale, instance_mode=ColorMode.IMAGE)
     return visualizer.draw_instance_predictions(instances).get_image()
-
-
-def score_map_to_image(
-    score_map: torch.Tensor,
-    padded_size: Tuple[int, int],
-    resized_size: Tuple[int, int],
-    original_size: Tuple[int, int],
-) -> torch.Tensor:
-    """
-    Args:
-        score_map: K x h x w logits over the padded network input (stride 32).
-        padded_size: (H, W) of the padded network input.
-        resized_size: (H, W) of the resized image inside it (top-left).
-        original_size: (H, W) of the image before resizing.
-    Returns:
-        K x H x W per-class probabilities (sigmoid) aligned with the original image.
-    """
-    logits = F.interpolate(score_map[None].float(), size=padded_size, mode="bilinear", align_corners=False)
-    logits = logits[..., : resized_size[0], : resized_size[1]]
-    logits = F.interpolate(logits, size=original_size, mode="bilinear", align_corners=False)
-    return logits[0].sigmoid().cpu()
 
 
 def _caption(tile: np.ndarray, text: str) -> np.ndarray:
@@ -92,17 +70,18 @@ def score_map_panel(
 def render_prediction(
     image_bgr: np.ndarray,
     predictions: dict,
-    probabilities: Optional[torch.Tensor],
     metadata,
-    class_names: Sequence[str],
+    score_map_names: Optional[Sequence[str]] = None,
     score_threshold: float = 0.5,
 ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """
-    BGR pictures of one prediction (what DenseCLIPPredictor.predict_with_score_maps returns): the
-    detections drawn on the image, and the score-map panel (None without ``probabilities``).
+    BGR pictures of one prediction (a model's output for the image): the detections drawn on the
+    image, and, given ``score_map_names`` (the names of the output's "score_maps"), the panel of the
+    score maps' probabilities (else None).
     """
     image_rgb = image_bgr[:, :, ::-1]
     overlay = draw_instances(image_rgb, predictions["instances"], metadata, score_threshold)[:, :, ::-1]
-    if probabilities is None:
+    if score_map_names is None:
         return overlay, None
-    return overlay, score_map_panel(image_rgb, probabilities, class_names)[:, :, ::-1]
+    probabilities = predictions["score_maps"].float().sigmoid().cpu()
+    return overlay, score_map_panel(image_rgb, probabilities, score_map_names)[:, :, ::-1]

@@ -1,8 +1,4 @@
-from .clip_fpn import (
-    CLIPFPN,
-    LanguageGuidedCLIPResNet,
-    build_clip_fpn_backbone,
-    build_retinanet_clip_fpn_backbone,
-    resolve_class_names,
-)
-from .clip_resnet import CLIPResNet, build_clip_resnet_backbone, dense_attention_pool
+from .attention_pool import AttentionPooledBackbone, dense_attention_pool, resize_positional_grid
+from .clip_resnet import CLIPResNet, build_clip_resnet_backbone
+from .fpn import LastLevelP6P7, build_clip_fpn_backbone, build_retinanet_clip_fpn_backbone
+from .language_guided import LanguageGuidedBackbone, is_language_guided

@@ -1,3 +1,3 @@
-from .denseclip_detector import DenseCLIPDetectorMixin, capture_score_map
+from .denseclip import DenseCLIPDetector
 from .rcnn import DenseCLIPRCNN
 from .retinanet import DenseCLIPRetinaNet

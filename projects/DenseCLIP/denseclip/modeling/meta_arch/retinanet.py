@@ -1,10 +1,25 @@
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 
-from .denseclip_detector import DenseCLIPDetectorMixin
+from .denseclip import DenseCLIPDetector
 
 __all__ = ["DenseCLIPRetinaNet"]
 
 
 @META_ARCH_REGISTRY.register()
-class DenseCLIPRetinaNet(DenseCLIPDetectorMixin, RetinaNet):
-    """Detectron2's RetinaNet on a language-guided CLIP-FPN, plus the auxiliary score-map loss."""
+class DenseCLIPRetinaNet(DenseCLIPDetector, RetinaNet):
+    """Detectron2's RetinaNet on a language-guided backbone, plus the auxiliary score-map loss."""
+
+    num_classes_key = "MODEL.RETINANET.NUM_CLASSES"
+
+    def forward(self, batched_inputs):
+        images = self.preprocess_image(batched_inputs)
+        features, score_map = self.extract_features(images)
+        features = [features[f] for f in self.head_in_features]
+        predictions = self.head(features)
+        if not self.training:
+            results = self.forward_inference(images, features, predictions)
+            return self.postprocess(results, batched_inputs, images, score_map)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        losses = self.forward_training(images, features, predictions, gt_instances)
+        losses.update(self.score_map_losses(score_map, gt_instances, images))
+        return losses

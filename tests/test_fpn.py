@@ -19,9 +19,9 @@ def test_retinanet_p6_p7(relu_before_p7):
     backbone = build_retinanet_clip_fpn_backbone(cfg, ShapeSpec(channels=3)).eval()
     image = torch.randn(1, 3, 128, 160)
     with torch.no_grad():
-        features = backbone(image)
-        res5 = backbone.bottom_up(image)["res5"]
-        top = backbone.top_block
+        features, score_map = backbone.forward_with_score_map(image)
+        res5 = torch.cat([backbone.bottom_up(image)["res5"], score_map], dim=1)
+        top = backbone.neck.top_block
         p6 = F.conv2d(res5, top.p6.weight, top.p6.bias, stride=2, padding=1)
         p7 = F.conv2d(F.relu(p6) if relu_before_p7 else p6, top.p7.weight, top.p7.bias, stride=2, padding=1)
     assert res5.shape[1] == 256 + 3  # res5 and the 3 classes' score maps

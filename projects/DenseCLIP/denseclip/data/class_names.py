@@ -1,0 +1,26 @@
+"""The class names a DenseCLIP model prompts its text encoder with."""
+from typing import List
+
+from detectron2.data import MetadataCatalog
+
+__all__ = ["resolve_class_names"]
+
+
+def resolve_class_names(cfg) -> List[str]:
+    """MODEL.DENSECLIP.CLASS_NAMES, or else the thing_classes of the first training (or test) dataset."""
+    if cfg.MODEL.DENSECLIP.CLASS_NAMES:
+        return list(cfg.MODEL.DENSECLIP.CLASS_NAMES)
+    datasets = list(cfg.DATASETS.TRAIN) or list(cfg.DATASETS.TEST)
+    if not datasets:
+        raise ValueError(
+            "DenseCLIP needs class names for its prompts: set DATASETS.TRAIN (or DATASETS.TEST) to a "
+            "registered dataset, or list them in MODEL.DENSECLIP.CLASS_NAMES"
+        )
+    classes = MetadataCatalog.get(datasets[0]).get("thing_classes", None)
+    if not classes:
+        raise ValueError(
+            f"Dataset {datasets[0]!r} has no thing_classes in its metadata. Register it (for a COCO "
+            f"JSON: DATASETS.COCO_FORMAT.*, or detectron2.data.datasets.register_coco_instances) before "
+            f"building the model, or list the names in MODEL.DENSECLIP.CLASS_NAMES"
+        )
+    return list(classes)

@@ -1,0 +1,1 @@
+from .score_map_evaluation import ScoreMapEvaluator, class_masks, score_map_intersection_union

@@ -1,0 +1,114 @@
+"""
+DenseCLIP's language-guided backbone, built from parts:
+
+    image -> bottom-up (image encoder) -> global and dense embeddings -> pixel-text score maps
+          -> score maps concatenated to the top bottom-up feature -> neck (FPN, SimpleFeaturePyramid)
+
+The meta-architecture decides whether a detector is language-guided: the backbone builders of this
+package ask :func:`is_language_guided` and build the plain bottom-up + neck (the "CLIP" baselines)
+otherwise.
+"""
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone
+
+from ..score_map import PixelTextScoreMap
+
+__all__ = ["FeatureInput", "LanguageGuidedBackbone", "is_language_guided", "with_language_guidance"]
+
+
+def is_language_guided(cfg) -> bool:
+    """True when MODEL.META_ARCHITECTURE is a DenseCLIP detector (which reads score maps)."""
+    from ..meta_arch.denseclip import DenseCLIPDetector
+
+    return issubclass(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), DenseCLIPDetector)
+
+
+class FeatureInput(Backbone):
+    """
+    The input of a neck built on features computed elsewhere: it declares their shapes, so that
+    Detectron2's FPN or SimpleFeaturePyramid can be built on them, and hands them on unchanged.
+    """
+
+    def __init__(self, shapes: Dict[str, ShapeSpec]):
+        super().__init__()
+        self._shapes = dict(shapes)
+        self._out_features = list(shapes)
+
+    def forward(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return features
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return dict(self._shapes)
+
+
+class LanguageGuidedBackbone(Backbone):
+    """
+    A bottom-up image encoder (a Backbone with ``forward_with_embeddings``), the pixel-text score
+    map, and a neck that reads the bottom-up features with the score map concatenated to
+    ``in_feature`` (the top one, e.g. res5: C + K channels).
+    """
+
+    def __init__(self, bottom_up: Backbone, score_map: PixelTextScoreMap, neck: Backbone, in_feature: str):
+        super().__init__()
+        self.bottom_up = bottom_up
+        self.score_map = score_map
+        self.neck = neck
+        self.in_feature = in_feature
+
+    @property
+    def class_names(self):
+        return self.score_map.class_names
+
+    def forward_with_score_map(
+        self, images: torch.Tensor, vocabulary: Optional[Sequence[str]] = None
+    ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+        """
+        Args:
+            images: B x 3 x H x W, normalised.
+            vocabulary: names whose score map to return; None returns the training classes'. The
+                features always carry the training classes' score map.
+        Returns:
+            the neck's features, and the B x K x h x w score map (float32) at the stride of
+            ``in_feature``.
+        """
+        features, global_embedding, dense_embedding = self.bottom_up.forward_with_embeddings(images)
+        score_map = self.score_map(global_embedding, dense_embedding)
+        top = features[self.in_feature]
+        features[self.in_feature] = torch.cat([top, score_map.to(top.dtype)], dim=1)
+        if vocabulary is not None:
+            score_map = self.score_map(global_embedding, dense_embedding, vocabulary)
+        return self.neck(features), score_map
+
+    def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.forward_with_score_map(images)[0]
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return self.neck.output_shape()
+
+    @property
+    def size_divisibility(self) -> int:
+        return self.neck.size_divisibility
+
+    @property
+    def padding_constraints(self) -> Dict[str, int]:
+        return self.neck.padding_constraints
+
+
+def with_language_guidance(cfg, bottom_up: Backbone, build_neck: Callable[[Backbone], Backbone]) -> Backbone:
+    """
+    ``build_neck(bottom_up)`` for the CLIP baselines; for DenseCLIP meta-architectures, the
+    LanguageGuidedBackbone whose neck is ``build_neck`` on the bottom-up's features, the score map
+    concatenated to the one of the largest stride.
+    """
+    if not is_language_guided(cfg):
+        return build_neck(bottom_up)
+    score_map = PixelTextScoreMap(cfg)
+    shapes = bottom_up.output_shape()
+    in_feature = max(shapes, key=lambda name: shapes[name].stride)
+    top = shapes[in_feature]
+    shapes[in_feature] = ShapeSpec(channels=top.channels + len(score_map.class_names), stride=top.stride)
+    return LanguageGuidedBackbone(bottom_up, score_map, build_neck(FeatureInput(shapes)), in_feature)

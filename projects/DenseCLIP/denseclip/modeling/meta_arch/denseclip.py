@@ -1,0 +1,105 @@
+"""What DenseCLIP adds to a Detectron2 detector, shared by its RetinaNet and R-CNN."""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from detectron2.config import configurable
+from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_postprocess
+from detectron2.structures import ImageList, Instances
+
+from ..backbone.language_guided import LanguageGuidedBackbone
+from ..score_map_loss import ScoreMapLoss
+from ..text_encoder import tokenize_class_names
+
+__all__ = ["DenseCLIPDetector"]
+
+
+class DenseCLIPDetector:
+    """
+    Mixed in before a Detectron2 meta-architecture (RetinaNet, GeneralizedRCNN) whose backbone is a
+    :class:`LanguageGuidedBackbone`. Provides what each DenseCLIP detector's forward uses:
+    :meth:`extract_features` (features and score map), :meth:`score_map_losses` (the auxiliary
+    loss) and :meth:`postprocess` (instances, and score maps on the image when asked).
+
+    Inference returns, per image, ``{"instances": Instances}``, plus ``"score_maps"``: K x H x W
+    score-map logits on the original image, when ``return_score_maps`` (MODEL.DENSECLIP.RETURN_SCORE_MAPS)
+    is set. Their K names are ``score_map_names``: the detector's classes, or the ``vocabulary`` set
+    for inference (any names; the detector head keeps its own classes).
+    """
+
+    #: The config key of the head's class count, for error messages.
+    num_classes_key: str = ""
+
+    @configurable
+    def __init__(self, *, score_map_loss: ScoreMapLoss, return_score_maps: bool, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(self.backbone, LanguageGuidedBackbone):
+            raise ValueError(
+                f"MODEL.META_ARCHITECTURE {type(self).__name__} reads pixel-text score maps, but "
+                f"MODEL.BACKBONE.NAME builds a {type(self.backbone).__name__} without them. Use a backbone "
+                f"of this project (build_clip_fpn_backbone, build_retinanet_clip_fpn_backbone, ...), or "
+                f"a stock meta-architecture (GeneralizedRCNN, RetinaNet) for a model without language guidance."
+            )
+        class_names = self.backbone.class_names
+        if len(class_names) != self.num_classes:
+            raise ValueError(
+                f"The text prompts have {len(class_names)} classes ({', '.join(class_names[:5])}"
+                f"{', ...' if len(class_names) > 5 else ''}) but the detector head has {self.num_classes} "
+                f"({self.num_classes_key}). Set {self.num_classes_key} {len(class_names)} to match the "
+                f"dataset, or fix MODEL.DENSECLIP.CLASS_NAMES."
+            )
+        self.score_map_loss = score_map_loss
+        self.return_score_maps = return_score_maps
+        self._vocabulary: Optional[List[str]] = None
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ret["score_map_loss"] = ScoreMapLoss(cfg)
+        ret["return_score_maps"] = cfg.MODEL.DENSECLIP.RETURN_SCORE_MAPS
+        return ret
+
+    @property
+    def vocabulary(self) -> Optional[List[str]]:
+        """Names whose score maps inference returns; None for the detector's own classes."""
+        return self._vocabulary
+
+    @vocabulary.setter
+    def vocabulary(self, names: Optional[Sequence[str]]):
+        if names is not None:
+            names = [str(name).strip() for name in names]
+            text_encoder = self.backbone.score_map.text_encoder
+            tokenize_class_names(names, text_encoder.prompt_length)  # a clear error now, not at inference
+        self._vocabulary = names
+
+    @property
+    def score_map_names(self) -> List[str]:
+        return list(self._vocabulary or self.backbone.class_names)
+
+    def extract_features(self, images: ImageList) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+        """The backbone's features and its B x K x h x w score map (the vocabulary's, in inference)."""
+        vocabulary = None if self.training else self._vocabulary
+        return self.backbone.forward_with_score_map(images.tensor, vocabulary)
+
+    def score_map_losses(
+        self, score_map: torch.Tensor, gt_instances: List[Instances], images: ImageList
+    ) -> Dict[str, torch.Tensor]:
+        return {"loss_score_map": self.score_map_loss(score_map, gt_instances, images.tensor.shape[-2:])}
+
+    def postprocess(
+        self, instances: List[Instances], batched_inputs: List[dict], images: ImageList, score_map: torch.Tensor
+    ) -> List[dict]:
+        """Per image: instances rescaled to the input's height and width, and the score maps there too
+        when ``return_score_maps`` (upsampled to the padded input, then resized like semantic outputs)."""
+        results = []
+        for index, (inst, inputs, image_size) in enumerate(zip(instances, batched_inputs, images.image_sizes)):
+            height, width = inputs.get("height", image_size[0]), inputs.get("width", image_size[1])
+            result = {"instances": detector_postprocess(inst, height, width)}
+            if self.return_score_maps:
+                logits = F.interpolate(
+                    score_map[index : index + 1], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
+                )[0]
+                result["score_maps"] = sem_seg_postprocess(logits, image_size, height, width)
+            results.append(result)
+        return results

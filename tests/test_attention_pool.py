@@ -1,0 +1,68 @@
+import math
+
+import torch
+
+from denseclip.modeling.backbone import dense_attention_pool, resize_positional_grid
+
+from helpers import clip_resnet
+
+
+def tiny_resnet(**kwargs):
+    torch.manual_seed(0)
+    return clip_resnet(**kwargs).eval()
+
+
+def direct_attention_pool(pool, res5, grid):
+    """Every location's token attends to [mean token; all tokens], written out head by head."""
+    b, c, h, w = res5.shape
+    tokens = res5.flatten(2).transpose(1, 2)  # B x HW x C
+    tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1) + grid
+    heads, d = pool.num_heads, c // pool.num_heads
+    q = (tokens @ pool.q_proj.weight.T + pool.q_proj.bias).view(b, -1, heads, d)
+    k = (tokens @ pool.k_proj.weight.T + pool.k_proj.bias).view(b, -1, heads, d)
+    v = (tokens @ pool.v_proj.weight.T + pool.v_proj.bias).view(b, -1, heads, d)
+    attention = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d), dim=-1)
+    out = torch.einsum("bhqk,bkhd->bqhd", attention, v).reshape(b, -1, c)
+    out = out @ pool.c_proj.weight.T + pool.c_proj.bias
+    return out[:, 0], out[:, 1:].transpose(1, 2).reshape(b, -1, h, w)
+
+
+def test_dense_embedding_is_attention_at_every_location():
+    model = tiny_resnet()  # 64 px -> 2 x 2 grid
+    res5 = torch.randn(2, 256, 2, 2)
+    with torch.no_grad():
+        global_embedding, dense = dense_attention_pool(model.attnpool, res5)
+        expected_global, expected_dense = direct_attention_pool(
+            model.attnpool, res5, model.attnpool.positional_embedding
+        )
+        clip_global = model.attnpool(res5)  # open_clip's own forward: the global token only
+    assert dense.shape == (2, 32, 2, 2)
+    torch.testing.assert_close(dense, expected_dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(global_embedding, expected_global, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(global_embedding, clip_global, rtol=1e-5, atol=1e-6)
+
+
+def test_smaller_feature_map_uses_top_left_of_grid():
+    model = tiny_resnet(input_resolution=128)  # 4 x 4 grid
+    res5 = torch.randn(1, 256, 2, 3)
+    grid = model.attnpool.positional_embedding
+    top_left = torch.cat([grid[:1], grid[1:].view(4, 4, -1)[:2, :3].reshape(6, -1)])
+    with torch.no_grad():
+        _, dense = dense_attention_pool(model.attnpool, res5)
+        _, expected = direct_attention_pool(model.attnpool, res5, top_left)
+    torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_feature_map_larger_than_grid_interpolates():
+    model = tiny_resnet()  # 2 x 2 grid, 5 x 3 feature map
+    image = torch.randn(1, 3, 160, 96)
+    with torch.no_grad():
+        res5 = model(image)["res5"]
+        _, dense = dense_attention_pool(model.attnpool, res5)
+    assert res5.shape[-2:] == (5, 3) and dense.shape == (1, 32, 5, 3)
+    assert torch.isfinite(dense).all()
+    # Both sides exceed the grid: it is interpolated to 5 x 3 and used whole.
+    grid = resize_positional_grid(model.attnpool.positional_embedding, (5, 3))
+    with torch.no_grad():
+        _, expected = direct_attention_pool(model.attnpool, res5, grid)
+    torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-5)
