@@ -84,6 +84,9 @@ def add_denseclip_config(cfg):
     # RetinaNet's P7 = conv(relu(P6)) as in Detectron2 (True), or conv(P6) as in the release's
     # MMDetection FPN (False).
     cfg.MODEL.FPN.RELU_BEFORE_P7 = False
+    # DenseCLIPRetinaNet clips its boxes to the image before NMS, as the release (MMDetection) does;
+    # False keeps Detectron2's order (NMS, then clipping), which the stock RetinaNet uses.
+    cfg.MODEL.RETINANET.CLIP_BOXES_BEFORE_NMS = True
 
     # ---------------------------------------------------------------------------------------------
     # Own COCO-format data without code: an annotation JSON and the folder of its images per split.

@@ -1,2 +1,3 @@
-from .clip_weights import as_clip_state_dict, describe_clip_architecture, load_clip_weights, read_weights_file
+from .clip_weights import as_clip_state_dict, describe_clip_architecture, load_clip_weights, read_checkpoint_file
 from .detection_checkpoint import DenseCLIPCheckpointer
+from .release_conversion import convert_release_state_dict, infer_release_layout, read_release_checkpoint

@@ -4,6 +4,7 @@ a Detectron2 model that contains a CLIPResNet and, for DenseCLIP, a ContextTextE
 """
 import logging
 import os
+import pickle
 import zipfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -15,7 +16,7 @@ from ..modeling.backbone import CLIPResNet, resize_positional_grid
 from ..modeling.text_encoder import ContextTextEncoder
 
 __all__ = [
-    "read_weights_file",
+    "read_checkpoint_file",
     "as_clip_state_dict",
     "describe_clip_architecture",
     "load_clip_weights",
@@ -35,19 +36,32 @@ def is_torchscript_archive(path: str) -> bool:
         return any(name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
 
 
-def read_weights_file(path: str) -> dict:
+def read_checkpoint_file(path: str):
     """
-    Read a TorchScript archive (its state dict), a safetensors file, or a torch-saved object, on CPU.
+    The object a checkpoint file holds, on CPU: a TorchScript archive's state dict, a safetensors
+    file's tensors, or what torch.save wrote (tensors, dicts, lists and plain values only). A file
+    that is missing, empty, truncated or no checkpoint at all is an error that names it.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Weights file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is empty (0 bytes), not a checkpoint: download or copy it again")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return load_file(path, device="cpu")
-    if is_torchscript_archive(path):
-        return torch.jit.load(path, map_location="cpu").state_dict()
-    return torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(path, device="cpu")
+        if is_torchscript_archive(path):
+            return torch.jit.load(path, map_location="cpu").state_dict()
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
+        if zipfile.is_zipfile(path) or "zip archive" in str(e) or isinstance(e, EOFError) or "truncated" in str(e):
+            what = "truncated or damaged (an incomplete PyTorch archive)"
+        elif "Weights only load failed" in str(e):
+            what = "a pickle holding Python objects other than tensors and plain values, which are not loaded"
+        else:
+            what = "not a checkpoint (neither a PyTorch file, a TorchScript archive nor safetensors)"
+        raise ValueError(f"{path} is {what}: {str(e).splitlines()[0]}. Download or copy the file again.") from e
 
 
 def as_clip_state_dict(obj) -> Optional[Dict[str, torch.Tensor]]:

@@ -7,7 +7,7 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .clip_weights import as_clip_state_dict, is_torchscript_archive, load_clip_weights, read_weights_file
+from .clip_weights import as_clip_state_dict, load_clip_weights, read_checkpoint_file
 
 __all__ = ["DenseCLIPCheckpointer"]
 
@@ -41,10 +41,20 @@ class DenseCLIPCheckpointer(DetectionCheckpointer):
         return super().load(path, *args, **kwargs)
 
     def _load_file(self, filename):
-        if filename.endswith(".safetensors") or is_torchscript_archive(filename):
-            loaded = {"model": read_weights_file(filename)}
-        else:
+        if filename.endswith(".pkl"):  # Detectron2's pickled model-zoo weights (ImageNet backbones)
             loaded = super()._load_file(filename)
+        else:
+            loaded = read_checkpoint_file(filename)
+            if not isinstance(loaded, dict) or not isinstance(loaded.get("model", loaded.get("state_dict")), dict):
+                loaded = {"model": loaded}  # a bare state dict (CLIP)
+            elif "model" not in loaded:
+                loaded["model"] = loaded.pop("state_dict")
+            if "mmdet_version" in (loaded.get("meta") or {}):
+                raise ValueError(
+                    f"{filename} is an MMDetection checkpoint (the DenseCLIP release's layout), whose names "
+                    f"this model does not use. Convert it first: python tools/convert-denseclip-mmdet-to-d2.py "
+                    f"{filename} <output.pth>, then set MODEL.WEIGHTS to the output."
+                )
         clip_state = as_clip_state_dict(loaded.get("model"))
         if clip_state is not None:
             return {"model": clip_state, "__author__": "CLIP", "__path__": filename}

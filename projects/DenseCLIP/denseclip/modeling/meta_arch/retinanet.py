@@ -1,3 +1,4 @@
+from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 
 from .denseclip import DenseCLIPDetector
@@ -11,6 +12,15 @@ class DenseCLIPRetinaNet(DenseCLIPDetector, RetinaNet):
 
     num_classes_key = "MODEL.RETINANET.NUM_CLASSES"
 
+    @configurable
+    def __init__(self, *, clip_boxes_before_nms: bool, **kwargs):
+        super().__init__(**kwargs)
+        self.clip_boxes_before_nms = clip_boxes_before_nms
+
+    @classmethod
+    def from_config(cls, cfg):
+        return {**super().from_config(cfg), "clip_boxes_before_nms": cfg.MODEL.RETINANET.CLIP_BOXES_BEFORE_NMS}
+
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
         features, score_map = self.extract_features(images)
@@ -23,3 +33,11 @@ class DenseCLIPRetinaNet(DenseCLIPDetector, RetinaNet):
         losses = self.forward_training(images, features, predictions, gt_instances)
         losses.update(self.score_map_losses(score_map, gt_instances, images))
         return losses
+
+    def _decode_per_level_predictions(self, anchors, pred_scores, pred_deltas, score_thresh, topk_candidates, image_size):
+        instances = super()._decode_per_level_predictions(
+            anchors, pred_scores, pred_deltas, score_thresh, topk_candidates, image_size
+        )
+        if self.clip_boxes_before_nms:  # NMS then sees the boxes it would keep
+            instances.pred_boxes.clip(image_size)
+        return instances

@@ -1,0 +1,242 @@
+"""
+Converting the DenseCLIP release's detection checkpoints (MMDetection 2.17) to this project's models.
+
+A release checkpoint is a dict with ``state_dict`` (names of the release's modules) and ``meta``
+(``CLASSES``, ``mmdet_version``, ...). Every tensor is renamed onto one tensor of the model built from
+the matching config; the output channels of RetinaNet's and the RPN's last convolutions are
+reordered, because MMDetection numbers the anchors of a location ratio-major (ratio * scales +
+scale) and Detectron2 size-major (size * ratios + ratio). Any tensor the rules do not know is an
+error that names it; any model tensor left without a value is too.
+"""
+import functools
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .clip_weights import read_checkpoint_file
+
+__all__ = [
+    "ReleaseLayout",
+    "convert_release_state_dict",
+    "infer_release_layout",
+    "read_release_checkpoint",
+    "ConversionReport",
+]
+
+CONFIGS = {
+    ("retinanet", True): "configs/COCO-Detection/retinanet_denseclip_R_{depth}_FPN_1x.yaml",
+    ("retinanet", False): "configs/COCO-Detection/retinanet_clip_R_{depth}_FPN_1x.yaml",
+    ("mask_rcnn", True): "configs/COCO-InstanceSegmentation/mask_rcnn_denseclip_R_{depth}_FPN_1x.yaml",
+    ("mask_rcnn", False): "configs/COCO-InstanceSegmentation/mask_rcnn_clip_R_{depth}_FPN_1x.yaml",
+}
+DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101}
+
+
+@dataclass
+class ReleaseLayout:
+    """What a release checkpoint holds: its detector, whether it is language-guided, its ResNet."""
+
+    detector: str  # "retinanet" or "mask_rcnn"
+    language_guided: bool
+    layers: Tuple[int, ...]
+    num_classes: int
+
+    @property
+    def depth(self) -> Optional[int]:
+        return DEPTHS.get(self.layers)
+
+    def config_file(self) -> str:
+        """The repository config of this layout (relative to the repository root)."""
+        if self.depth is None:
+            raise ValueError(f"The checkpoint's CLIP ResNet has stages {list(self.layers)}: neither RN50 nor RN101")
+        return CONFIGS[(self.detector, self.language_guided)].format(depth=self.depth)
+
+    def __str__(self) -> str:
+        kind = "DenseCLIP" if self.language_guided else "CLIP baseline"
+        name = {"retinanet": "RetinaNet", "mask_rcnn": "Mask R-CNN"}[self.detector]
+        resnet = f"RN{self.depth}" if self.depth else f"a ResNet with stages {list(self.layers)}"
+        return f"{kind} {name} on CLIP {resnet}, {self.num_classes} classes"
+
+
+def read_release_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """(state_dict, meta) of a release checkpoint file; a clear error for anything else."""
+    obj = read_checkpoint_file(path)
+    if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
+        found = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(
+            f"{path} is not a checkpoint of the DenseCLIP release (MMDetection): it has no 'state_dict' "
+            f"(found {found}). Give the .pth file the release publishes for a detector."
+        )
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj["state_dict"].items()}
+    return state, obj.get("meta") or {}
+
+
+def infer_release_layout(state: Dict[str, torch.Tensor]) -> ReleaseLayout:
+    """The layout of a release state dict; an error saying what was found if it is none of the release's."""
+    if "bbox_head.retina_cls.weight" in state:
+        detector = "retinanet"
+        anchors = state["bbox_head.retina_reg.weight"].shape[0] // 4
+        num_classes = state["bbox_head.retina_cls.weight"].shape[0] // anchors
+    elif "roi_head.mask_head.conv_logits.weight" in state:
+        detector, num_classes = "mask_rcnn", state["roi_head.mask_head.conv_logits.weight"].shape[0]
+    else:
+        heads = sorted({k.split(".")[0] for k in state})
+        raise ValueError(
+            f"Not a RetinaNet or Mask R-CNN checkpoint of the DenseCLIP release: its top-level modules are "
+            f"{heads} (expected backbone, neck and bbox_head.retina_cls, or rpn_head and roi_head.mask_head)"
+        )
+    layers = tuple(
+        len({k.split(".")[2] for k in state if k.startswith(f"backbone.layer{i}.")}) for i in range(1, 5)
+    )
+    if "backbone.conv1.weight" not in state or not all(layers):
+        raise ValueError("The checkpoint has no CLIP ResNet under 'backbone.' (conv1, layer1..layer4)")
+    return ReleaseLayout(detector, "text_encoder.token_embedding.weight" in state, layers, num_classes)
+
+
+def anchor_permutation(num_ratios: int, num_sizes: int) -> List[int]:
+    """For each Detectron2 anchor index (size * ratios + ratio), the MMDetection one (ratio * sizes + size)."""
+    return [ratio * num_sizes + size for size in range(num_sizes) for ratio in range(num_ratios)]
+
+
+def _reorder_anchors(tensor: torch.Tensor, num_ratios: int, num_sizes: int) -> torch.Tensor:
+    """Reorder the output channels (weight rows or bias) grouped per anchor."""
+    anchors = num_ratios * num_sizes
+    grouped = tensor.reshape(anchors, tensor.shape[0] // anchors, *tensor.shape[1:])
+    return grouped[anchor_permutation(num_ratios, num_sizes)].reshape(tensor.shape)
+
+
+Rule = Tuple[str, str, Optional[Callable[[torch.Tensor], torch.Tensor]]]
+
+
+def _rules(layout: ReleaseLayout, cfg) -> List[Rule]:
+    """(release name pattern, model name template, tensor transform) for every tensor of the layout."""
+    fpn = "backbone.neck." if layout.language_guided else "backbone."
+    first = 3 if layout.detector == "retinanet" else 2  # FPN level of the first lateral convolution
+    levels = len(cfg.MODEL.FPN.IN_FEATURES)
+    rules: List[Rule] = [
+        (r"backbone\.(.+)", r"backbone.bottom_up.\1", None),
+        (r"text_encoder\.(.+)", r"backbone.score_map.text_encoder.\1", None),
+        (r"contexts", "backbone.score_map.text_encoder.contexts", lambda t: t.reshape(-1, t.shape[-1])),
+        (r"gamma", "backbone.score_map.gamma", None),
+        (r"context_decoder\.(memory_proj|text_proj|out_proj)\.(.+)", r"backbone.score_map.context_decoder.\1.\2", None),
+        (r"context_decoder\.decoder\.(\d+)\.(self_attn|cross_attn)\.proj\.(.+)",
+         r"backbone.score_map.context_decoder.layers.\1.\2.out_proj.\3", None),
+        (r"context_decoder\.decoder\.(\d+)\.(.+)", r"backbone.score_map.context_decoder.layers.\1.\2", None),
+    ]
+    for i in range(levels):
+        rules.append((rf"neck\.lateral_convs\.{i}\.conv\.(.+)", rf"{fpn}fpn_lateral{first + i}.\1", None))
+        rules.append((rf"neck\.fpn_convs\.{i}\.conv\.(.+)", rf"{fpn}fpn_output{first + i}.\1", None))
+    if layout.detector == "retinanet":
+        anchors = cfg.MODEL.ANCHOR_GENERATOR
+        reorder = functools.partial(_reorder_anchors, num_ratios=len(anchors.ASPECT_RATIOS[0]), num_sizes=len(anchors.SIZES[0]))
+        rules += [
+            (rf"neck\.fpn_convs\.{levels}\.conv\.(.+)", rf"{fpn}top_block.p6.\1", None),
+            (rf"neck\.fpn_convs\.{levels + 1}\.conv\.(.+)", rf"{fpn}top_block.p7.\1", None),
+            (r"bbox_head\.cls_convs\.(\d+)\.conv\.(.+)", lambda m: f"head.cls_subnet.{2 * int(m[1])}.{m[2]}", None),
+            (r"bbox_head\.reg_convs\.(\d+)\.conv\.(.+)", lambda m: f"head.bbox_subnet.{2 * int(m[1])}.{m[2]}", None),
+            (r"bbox_head\.retina_cls\.(.+)", r"head.cls_score.\1", reorder),
+            (r"bbox_head\.retina_reg\.(.+)", r"head.bbox_pred.\1", reorder),
+        ]
+    else:
+        # One size per level: the reordering is the identity, kept so that other anchor settings convert.
+        ratios = len(cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS[0])
+        reorder = functools.partial(_reorder_anchors, num_ratios=ratios, num_sizes=len(cfg.MODEL.ANCHOR_GENERATOR.SIZES[0]))
+        rules += [
+            (r"rpn_head\.rpn_conv\.(.+)", r"proposal_generator.rpn_head.conv.\1", None),
+            (r"rpn_head\.rpn_cls\.(.+)", r"proposal_generator.rpn_head.objectness_logits.\1", reorder),
+            (r"rpn_head\.rpn_reg\.(.+)", r"proposal_generator.rpn_head.anchor_deltas.\1", reorder),
+            (r"roi_head\.bbox_head\.shared_fcs\.(\d+)\.(.+)", lambda m: f"roi_heads.box_head.fc{int(m[1]) + 1}.{m[2]}", None),
+            (r"roi_head\.bbox_head\.fc_cls\.(.+)", r"roi_heads.box_predictor.cls_score.\1", None),
+            (r"roi_head\.bbox_head\.fc_reg\.(.+)", r"roi_heads.box_predictor.bbox_pred.\1", None),
+            (r"roi_head\.mask_head\.convs\.(\d+)\.conv\.(.+)", lambda m: f"roi_heads.mask_head.mask_fcn{int(m[1]) + 1}.{m[2]}", None),
+            (r"roi_head\.mask_head\.upsample\.(.+)", r"roi_heads.mask_head.deconv.\1", None),
+            (r"roi_head\.mask_head\.conv_logits\.(.+)", r"roi_heads.mask_head.predictor.\1", None),
+        ]
+    return rules
+
+
+@dataclass
+class ConversionReport:
+    layout: ReleaseLayout
+    mapped: int = 0
+    reordered: List[str] = field(default_factory=list)
+    dropped: Dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"Found: {self.layout}.", f"Mapped {self.mapped} tensors onto the model's, names exact."]
+        if self.reordered:
+            lines.append(f"Anchor channels reordered from MMDetection's order to Detectron2's: {', '.join(self.reordered)}.")
+        lines += [f"Dropped {name}: {reason}." for name, reason in self.dropped.items()]
+        return "\n".join(lines)
+
+
+def convert_release_state_dict(
+    state: Dict[str, torch.Tensor], meta: dict, model: nn.Module, cfg, class_names: List[str]
+) -> Tuple[Dict[str, torch.Tensor], ConversionReport]:
+    """
+    The release ``state`` renamed (and reordered) onto ``model`` (built from ``cfg``); every model
+    tensor gets a value of its shape, every release tensor is used.
+
+    Raises:
+        ValueError naming what does not fit: the layout, the class list, unknown or missing tensors,
+        shapes.
+    """
+    from ..modeling import DenseCLIPDetector
+
+    layout = infer_release_layout(state)
+    detector = "mask_rcnn" if hasattr(model, "roi_heads") else "retinanet"
+    guided = isinstance(model, DenseCLIPDetector)
+    if (layout.detector, layout.language_guided) != (detector, guided) or list(layout.layers) != list(cfg.MODEL.CLIP.LAYERS):
+        raise ValueError(
+            f"The checkpoint holds a {layout}, the config builds a "
+            f"{'DenseCLIP' if guided else 'CLIP baseline'} {detector} with MODEL.CLIP.LAYERS {list(cfg.MODEL.CLIP.LAYERS)}. "
+            f"Convert it with {layout.config_file() if layout.depth else 'a matching config'}."
+        )
+    stored = list(meta.get("CLASSES") or [])
+    if stored and stored != list(class_names):
+        differing = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(stored, class_names)) if a != b][:3]
+        raise ValueError(
+            f"The checkpoint was trained on {len(stored)} classes that differ from the config's {len(class_names)} "
+            f"({'; '.join(differing) or 'different counts'}). Its class order must be the dataset's."
+        )
+    own = model.state_dict()
+    report = ConversionReport(layout)
+    converted, unknown = {}, []
+    rules = [(re.compile(pattern), target, transform) for pattern, target, transform in _rules(layout, cfg)]
+    for name, tensor in state.items():
+        for pattern, target, transform in rules:
+            match = pattern.fullmatch(name)
+            if match:
+                break
+        else:
+            unknown.append(name)
+            continue
+        new = target(match) if callable(target) else match.expand(target)
+        if new not in own and name.endswith("num_batches_tracked"):
+            report.dropped[name] = "the model's frozen BatchNorm keeps no step count"
+            continue
+        if transform is not None:
+            tensor = transform(tensor)
+            if isinstance(transform, functools.partial) and transform.func is _reorder_anchors:
+                report.reordered.append(name)
+        converted[new] = tensor
+    problems = []
+    if unknown:
+        problems.append(f"{len(unknown)} tensors of no known module: {', '.join(unknown[:5])}")
+    missing = [k for k in own if k not in converted]
+    if missing:
+        problems.append(f"{len(missing)} model tensors without a value in the checkpoint: {', '.join(missing[:5])}")
+    extra = [k for k in converted if k not in own]
+    if extra:
+        problems.append(f"{len(extra)} renamed tensors the model does not have: {', '.join(extra[:5])}")
+    shapes = [f"{k}: {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in converted.items()
+              if k in own and v.shape != own[k].shape]
+    if shapes:
+        problems.append(f"{len(shapes)} shapes differ: {'; '.join(shapes[:3])}")
+    if problems:
+        raise ValueError(f"The checkpoint ({layout}) does not fit the model: " + ". ".join(problems))
+    report.mapped = len(converted)
+    return {k: v.to(own[k].dtype).contiguous() for k, v in converted.items()}, report
