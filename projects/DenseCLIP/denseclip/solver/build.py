@@ -7,7 +7,10 @@ import torch
 
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping, reduce_param_groups
 
-from ..modeling.backbone.clip_resnet import CLIPResNet
+from ..modeling.backbone import AttentionPooledBackbone, CLIPResNet
+
+# Pretrained image encoders, trained at SOLVER.BACKBONE_MULTIPLIER x the base learning rate.
+IMAGE_ENCODERS = (CLIPResNet,)
 
 __all__ = ["build_optimizer"]
 
@@ -42,14 +45,17 @@ def _without_weight_decay(param_groups, model: torch.nn.Module, keys):
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """
-    Parameter groups: the CLIP image encoder (attention pool included) at SOLVER.BASE_LR x
+    Parameter groups: the pretrained image encoder (a CLIP one with its attention pool; any other
+    backbone without the new attention pool DenseCLIP puts on it) at SOLVER.BASE_LR x
     SOLVER.BACKBONE_MULTIPLIER, norm layers with SOLVER.WEIGHT_DECAY_NORM, parameters whose name contains
     one of SOLVER.NO_WEIGHT_DECAY_KEYS without weight decay, frozen parameters (the CLIP
     text encoder, frozen stages) left out. SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model" clips the
     norm of all gradients together; "value" and "norm" are Detectron2's per-parameter clipping.
     """
     image_encoders = tuple(
-        name + "." for name, module in model.named_modules() if isinstance(module, CLIPResNet)
+        f"{name}.net." if isinstance(module, AttentionPooledBackbone) else f"{name}."
+        for name, module in model.named_modules()
+        if isinstance(module, (*IMAGE_ENCODERS, AttentionPooledBackbone))
     )
 
     def lr_factor(param_name: str) -> float:
