@@ -55,13 +55,16 @@ def read_checkpoint_file(path: str):
             return torch.jit.load(path, map_location="cpu").state_dict()
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
-        if zipfile.is_zipfile(path) or "zip archive" in str(e) or isinstance(e, EOFError) or "truncated" in str(e):
-            what = "truncated or damaged (an incomplete PyTorch archive)"
-        elif "Weights only load failed" in str(e):
-            what = "a pickle holding Python objects other than tensors and plain values, which are not loaded"
-        else:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head[:2] != b"PK" and head[:1] != b"\x80":  # neither a zip archive nor a pickle
             what = "not a checkpoint (neither a PyTorch file, a TorchScript archive nor safetensors)"
-        raise ValueError(f"{path} is {what}: {str(e).splitlines()[0]}. Download or copy the file again.") from e
+        elif zipfile.is_zipfile(path) and "Weights only load failed" in str(e):
+            what = "a PyTorch file holding Python objects other than tensors and plain values, which are not loaded"
+        else:
+            what = "truncated or damaged (an incomplete PyTorch file)"
+        reason = str(e).splitlines()[0].split(". ")[0]  # torch's first sentence
+        raise ValueError(f"{path} is {what} ({reason}). Download or copy the file again.") from e
 
 
 def as_clip_state_dict(obj) -> Optional[Dict[str, torch.Tensor]]:
