@@ -31,6 +31,20 @@ def add_denseclip_config(cfg):
     # models trained without the "-quickgelu" suffix).
     cfg.MODEL.CLIP.ACTIVATION = "QuickGELU"
 
+    # CLIP vision transformer (the *_clip_vit_* backbones). Defaults are CLIP ViT-B/16; EMBED_DIM (512
+    # for ViT-B/16), INPUT_RESOLUTION (the pretraining grid: 224 -> 14 x 14) and ACTIVATION are shared.
+    cfg.MODEL.CLIP.VIT = CN()
+    # Side of the square patches: the stride of the transformer's feature map (a power of 2 for the pyramid).
+    cfg.MODEL.CLIP.VIT.PATCH_SIZE = 16
+    # Token width (768 for ViT-B).
+    cfg.MODEL.CLIP.VIT.WIDTH = 768
+    # Number of transformer blocks.
+    cfg.MODEL.CLIP.VIT.LAYERS = 12
+    # Attention heads per block.
+    cfg.MODEL.CLIP.VIT.HEADS = 12
+    # Stochastic depth in training: drop rate of the last block's residual branches, 0 for the first, linear between.
+    cfg.MODEL.CLIP.VIT.DROP_PATH_RATE = 0.0
+
     # CLIP text encoder (frozen transformer). Defaults are CLIP's, shared by RN50 and RN101.
     cfg.MODEL.CLIP.TEXT = CN()
     cfg.MODEL.CLIP.TEXT.WIDTH = 512
@@ -57,6 +71,14 @@ def add_denseclip_config(cfg):
     cfg.MODEL.DENSECLIP.GAMMA_INIT = 1e-4
     # Cache the text encoder's output in eval mode (it only depends on the learned contexts).
     cfg.MODEL.DENSECLIP.CACHE_TEXT_EMBEDDINGS = True
+    # DenseCLIP on any Detectron2 backbone (build_attention_pool_fpn_backbone and its RetinaNet
+    # version): the bottom-up's builder, and a new attention pool on its top feature that maps it to
+    # MODEL.CLIP.EMBED_DIM (grid MODEL.CLIP.INPUT_RESOLUTION / 32) with this many heads.
+    cfg.MODEL.DENSECLIP.BOTTOM_UP = "build_resnet_backbone"
+    cfg.MODEL.DENSECLIP.ATTENTION_POOL_HEADS = 32
+    # A CLIP checkpoint for the text encoder when MODEL.WEIGHTS holds no text encoder (e.g. ImageNet
+    # weights of the image backbone); "" takes the text encoder from MODEL.WEIGHTS.
+    cfg.MODEL.DENSECLIP.TEXT_WEIGHTS = ""
     # Inference also returns "score_maps" (K x H x W logits on the original image) per image; the
     # evaluator then also measures how well they locate each class (ScoreMapEvaluator).
     cfg.MODEL.DENSECLIP.RETURN_SCORE_MAPS = False

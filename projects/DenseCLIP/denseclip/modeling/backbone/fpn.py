@@ -6,10 +6,18 @@ from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
 from detectron2.modeling.backbone import fpn
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
+from .attention_pool import AttentionPooledBackbone
 from .clip_resnet import CLIPResNet
-from .language_guided import with_language_guidance
+from .language_guided import is_language_guided, with_language_guidance
 
-__all__ = ["LastLevelP6P7", "build_clip_fpn_backbone", "build_retinanet_clip_fpn_backbone", "build_fpn"]
+__all__ = [
+    "LastLevelP6P7",
+    "build_attention_pool_fpn_backbone",
+    "build_clip_fpn_backbone",
+    "build_fpn",
+    "build_retinanet_attention_pool_fpn_backbone",
+    "build_retinanet_clip_fpn_backbone",
+]
 
 
 class LastLevelP6P7(fpn.LastLevelP6P7):
@@ -61,3 +69,30 @@ def build_clip_fpn_backbone(cfg, input_shape: ShapeSpec):
 def build_retinanet_clip_fpn_backbone(cfg, input_shape: ShapeSpec):
     """CLIP-FPN for RetinaNet: P3..P5 from res3..res5, P6 and P7 from res5 (score maps included)."""
     return with_language_guidance(cfg, CLIPResNet(cfg, input_shape), lambda x: build_fpn(cfg, x, retinanet=True))
+
+
+def attention_pooled_bottom_up(cfg, input_shape: ShapeSpec) -> Backbone:
+    """MODEL.DENSECLIP.BOTTOM_UP from the registry; for DenseCLIP detectors with a new attention pool on
+    its top feature, giving embeddings of the text encoder's width (MODEL.CLIP.EMBED_DIM)."""
+    bottom_up = BACKBONE_REGISTRY.get(cfg.MODEL.DENSECLIP.BOTTOM_UP)(cfg, input_shape)
+    if not is_language_guided(cfg):
+        return bottom_up
+    shapes = bottom_up.output_shape()
+    top = max(shapes, key=lambda name: shapes[name].stride)
+    grid = cfg.MODEL.CLIP.INPUT_RESOLUTION // shapes[top].stride
+    return AttentionPooledBackbone(bottom_up, top, cfg.MODEL.CLIP.EMBED_DIM, cfg.MODEL.DENSECLIP.ATTENTION_POOL_HEADS, grid)
+
+
+@BACKBONE_REGISTRY.register()
+def build_attention_pool_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """FPN (P2..P6) on any Detectron2 bottom-up (MODEL.DENSECLIP.BOTTOM_UP), language-guided through a
+    new attention pool for DenseCLIP detectors: DenseCLIP on any backbone."""
+    bottom_up = attention_pooled_bottom_up(cfg, input_shape)
+    return with_language_guidance(cfg, bottom_up, lambda x: build_fpn(cfg, x, retinanet=False))
+
+
+@BACKBONE_REGISTRY.register()
+def build_retinanet_attention_pool_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """RetinaNet's FPN (P3..P7) on any Detectron2 bottom-up, as build_attention_pool_fpn_backbone."""
+    bottom_up = attention_pooled_bottom_up(cfg, input_shape)
+    return with_language_guidance(cfg, bottom_up, lambda x: build_fpn(cfg, x, retinanet=True))
