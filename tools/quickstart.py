@@ -102,7 +102,8 @@ def main(args) -> dict:
     )
     start = time.perf_counter()
     for dataset in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
-        ensure_shapes_dataset(dataset)
+        if MetadataCatalog.get(dataset).get("shapes_root"):  # generated on first use
+            ensure_shapes_dataset(dataset)
         print(f"Dataset {dataset}: {MetadataCatalog.get(dataset).image_root}")
 
     trainer = DenseCLIPTrainer(cfg)
