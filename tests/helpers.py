@@ -256,3 +256,81 @@ def text_encoder(class_names, **overrides):
     )
     kwargs.update(overrides)
     return ContextTextEncoder(class_names, **kwargs)
+
+
+def randomize_layernorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """LayerNorms start at weight 1, bias 0; give them non-trivial values, so a misplaced norm shows."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
+    return model
+
+
+TINY_VIT = dict(patch_size=16, width=64, layers=2, heads=2, image_size=64)
+
+
+def tiny_open_clip_vit(seed: int = 0, layers=None) -> torch.nn.Module:
+    """A CLIP ViT-shaped open_clip model (QuickGELU, as OpenAI's) for unit tests: patch 16, width 64,
+    2 blocks, 64 px (4 x 4 grid), the tiny text encoder; random weights, LayerNorms included."""
+    torch.manual_seed(seed)
+    model = open_clip.model.CLIP(
+        embed_dim=TINY_CLIP["embed_dim"],
+        vision_cfg=dict(
+            layers=layers or TINY_VIT["layers"],
+            width=TINY_VIT["width"],
+            head_width=TINY_VIT["width"] // TINY_VIT["heads"],
+            patch_size=TINY_VIT["patch_size"],
+            image_size=TINY_VIT["image_size"],
+        ),
+        text_cfg=dict(
+            context_length=77,
+            vocab_size=49408,
+            width=TINY_CLIP["text_width"],
+            heads=TINY_CLIP["text_heads"],
+            layers=TINY_CLIP["text_layers"],
+        ),
+        quick_gelu=True,
+    )
+    return randomize_layernorm(model, seed).eval()
+
+
+def tiny_vit_cfg(denseclip: bool = True, retinanet: bool = False, class_names=("cat", "dog", "traffic light")):
+    """A Detectron2 config for a tiny CLIP ViT with a simple feature pyramid (matches tiny_open_clip_vit)."""
+    cfg = tiny_cfg(denseclip=denseclip, class_names=class_names)
+    if retinanet:
+        cfg.MODEL.META_ARCHITECTURE = "DenseCLIPRetinaNet" if denseclip else "RetinaNet"
+    cfg.MODEL.BACKBONE.NAME = "build_retinanet_clip_vit_sfp_backbone" if retinanet else "build_clip_vit_sfp_backbone"
+    cfg.MODEL.CLIP.VIT.PATCH_SIZE = TINY_VIT["patch_size"]
+    cfg.MODEL.CLIP.VIT.WIDTH = TINY_VIT["width"]
+    cfg.MODEL.CLIP.VIT.LAYERS = TINY_VIT["layers"]
+    cfg.MODEL.CLIP.VIT.HEADS = TINY_VIT["heads"]
+    cfg.MODEL.CLIP.INPUT_RESOLUTION = TINY_VIT["image_size"]
+    cfg.MODEL.FPN.NORM = "LN"
+    return cfg
+
+
+VIT_DETECTOR_CONFIGS = {
+    "retinanet": "configs/COCO-Detection/retinanet_denseclip_ViT_B_16_FPN_1x.yaml",
+    "mask_rcnn": "configs/COCO-InstanceSegmentation/mask_rcnn_denseclip_ViT_B_16_FPN_1x.yaml",
+}
+
+
+def tiny_vit_detector_cfg(kind: str = "retinanet", class_names=("cat", "dog", "traffic light")):
+    """A ViT COCO config of the repository (its backbone, pyramid norm and drop path), with the tiny
+    heads, text encoder and inputs of tiny_detector_cfg and a tiny ViT (tiny_open_clip_vit's shapes)."""
+    vit = get_cfg()
+    add_denseclip_config(vit)
+    vit.merge_from_file(os.path.join(REPO, VIT_DETECTOR_CONFIGS[kind]))
+    cfg = tiny_detector_cfg(kind, class_names)
+    cfg.MODEL.META_ARCHITECTURE = vit.MODEL.META_ARCHITECTURE
+    cfg.MODEL.BACKBONE.NAME = vit.MODEL.BACKBONE.NAME
+    cfg.MODEL.FPN.NORM = vit.MODEL.FPN.NORM
+    cfg.MODEL.CLIP.VIT.merge_from_other_cfg(vit.MODEL.CLIP.VIT)
+    shrunk = tiny_vit_cfg(class_names=class_names)
+    for key in ("PATCH_SIZE", "WIDTH", "LAYERS", "HEADS"):
+        cfg.MODEL.CLIP.VIT[key] = shrunk.MODEL.CLIP.VIT[key]
+    cfg.MODEL.CLIP.INPUT_RESOLUTION = shrunk.MODEL.CLIP.INPUT_RESOLUTION
+    return cfg

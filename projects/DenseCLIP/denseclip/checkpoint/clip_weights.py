@@ -1,6 +1,7 @@
 """
 Reading CLIP checkpoints (OpenAI TorchScript archives, open_clip state dicts) and mapping them into
-a Detectron2 model that contains a CLIPResNet and, for DenseCLIP, a ContextTextEncoder.
+a Detectron2 model that contains a CLIP image encoder (CLIPResNet or CLIPVisionTransformer) and, for
+DenseCLIP, a ContextTextEncoder.
 """
 import logging
 import os
@@ -12,7 +13,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..modeling.backbone import CLIPResNet, resize_positional_grid
+from ..modeling.backbone import CLIPResNet, CLIPVisionTransformer, resize_positional_grid
 from ..modeling.text_encoder import ContextTextEncoder
 
 __all__ = [
@@ -91,8 +92,38 @@ def as_clip_state_dict(obj) -> Optional[Dict[str, torch.Tensor]]:
     }
 
 
+_CLIP_RESNETS = {((3, 4, 6, 3), 64, 1024): "RN50", ((3, 4, 23, 3), 64, 512): "RN101"}
+_CLIP_VITS = {(32, 768, 12, 512): "ViT-B/32", (16, 768, 12, 512): "ViT-B/16", (14, 1024, 24, 768): "ViT-L/14"}
+# Which configs take which CLIP weights, for error messages.
+_CONFIGS_FOR = "R_50 configs for RN50, R_101 for RN101, ViT_B_16 for ViT-B/16"
+
+
+def _describe_resnet(layers, width, embed) -> str:
+    name = _CLIP_RESNETS.get((tuple(layers), width, embed))
+    text = f"a ResNet image encoder with LAYERS {list(layers)}, WIDTH {width}, EMBED_DIM {embed}"
+    return f"{text} (CLIP {name})" if name else text
+
+
+def _describe_vit(patch_size, width, layers, embed) -> str:
+    name = _CLIP_VITS.get((patch_size, width, layers, embed))
+    text = (
+        f"a vision transformer with VIT.PATCH_SIZE {patch_size}, VIT.WIDTH {width}, VIT.LAYERS {layers}, "
+        f"EMBED_DIM {embed}"
+    )
+    return f"{text} (CLIP {name})" if name else text
+
+
+def _is_vit_state(state: Dict[str, torch.Tensor]) -> bool:
+    return "visual.class_embedding" in state
+
+
 def describe_clip_architecture(state: Dict[str, torch.Tensor]) -> str:
-    """A short description of the image-encoder architecture a CLIP state dict holds."""
+    """A short description of the image-encoder architecture a CLIP state dict holds, in MODEL.CLIP's terms."""
+    if _is_vit_state(state):
+        conv = state["visual.conv1.weight"]
+        layers = len({k.split(".")[3] for k in state if k.startswith("visual.transformer.resblocks.")})
+        embed = state["visual.proj"].shape[1] if "visual.proj" in state else "?"
+        return _describe_vit(conv.shape[-1], conv.shape[0], layers, embed)
     layers = [
         len({k.split(".")[2] for k in state if k.startswith(f"visual.layer{i}.")}) for i in range(1, 5)
     ]
@@ -102,17 +133,15 @@ def describe_clip_architecture(state: Dict[str, torch.Tensor]) -> str:
         embed = state["text_projection"].shape[1]
     else:
         embed = "?"
-    width = state["visual.conv1.weight"].shape[0] * 2
-    names = {((3, 4, 6, 3), 64, 1024): "RN50", ((3, 4, 23, 3), 64, 512): "RN101"}
-    name = names.get((tuple(layers), width, embed))
-    text = f"LAYERS {layers}, WIDTH {width}, EMBED_DIM {embed}"
-    return f"{text} (CLIP {name})" if name else text
+    return _describe_resnet(layers, state["visual.conv1.weight"].shape[0] * 2, embed)
 
 
-def _describe_model(image_encoder: CLIPResNet) -> str:
+def _describe_model(image_encoder: nn.Module) -> str:
+    if isinstance(image_encoder, CLIPVisionTransformer):
+        blocks = len(image_encoder.transformer.resblocks)
+        return _describe_vit(image_encoder.patch_size[0], image_encoder.width, blocks, image_encoder.embed_dim)
     layers = [len(stage) for stage in image_encoder.stages]
-    width = image_encoder.conv1.weight.shape[0] * 2
-    return f"LAYERS {layers}, WIDTH {width}, EMBED_DIM {image_encoder.embed_dim}"
+    return _describe_resnet(layers, image_encoder.conv1.weight.shape[0] * 2, image_encoder.embed_dim)
 
 
 def _find_module(model: nn.Module, cls) -> List[tuple]:
@@ -126,6 +155,7 @@ class ClipLoadReport:
     image_encoder_tensors: int = 0
     text_encoder_tensors: int = 0
     resized: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
     unused: List[str] = field(default_factory=list)
     not_from_clip: int = 0
     text_activation: Optional[str] = None
@@ -140,7 +170,7 @@ class ClipLoadReport:
                 f"  Text encoder activation: {self.text_activation} (MODEL.CLIP.ACTIVATION; OpenAI's CLIP "
                 f"models use QuickGELU, open_clip models trained without '-quickgelu' use GELU)."
             )
-        lines += [f"  {note}" for note in self.resized]
+        lines += [f"  {note}" for note in self.resized + self.notes]
         if self.unused:
             lines.append(f"  Not used by this model: {', '.join(self.unused)}.")
         lines.append(
@@ -156,6 +186,11 @@ def _clip_to_model_keys(state, image_prefix, text_prefix, image_encoder, text_en
     for key, value in state.items():
         if key.startswith("visual."):
             name = key[len("visual."):]
+            if isinstance(image_encoder, CLIPVisionTransformer):
+                value = _vit_tensor(name, value, image_encoder, report)
+                if value is not None:
+                    mapped[image_prefix + name] = value
+                continue
             if name.startswith("attnpool.") and image_encoder.attnpool is None:
                 if name == "attnpool.positional_embedding":
                     report.unused.append("visual.attnpool (the CLIP baseline has no attention pool)")
@@ -189,16 +224,43 @@ def _clip_to_model_keys(state, image_prefix, text_prefix, image_encoder, text_en
     return mapped
 
 
+def _vit_tensor(name: str, value: torch.Tensor, image_encoder: CLIPVisionTransformer, report):
+    """A ViT tensor as the model takes it: the positional grid resized if the model's differs, None
+    for the output projection the CLIP baseline has not got."""
+    if name in ("ln_post.weight", "ln_post.bias", "proj") and image_encoder.proj is None:
+        if name == "proj":
+            report.unused.append("visual.ln_post and visual.proj (the CLIP baseline uses no embeddings)")
+        return None
+    if name == "positional_embedding" and value.dim() == 2:
+        side = image_encoder.input_resolution // image_encoder.patch_size[0]
+        if value.shape[0] != side * side + 1:
+            old = int(round((value.shape[0] - 1) ** 0.5))
+            value = resize_positional_grid(value, (side, side))
+            report.resized.append(
+                f"ViT positional grid interpolated {old}x{old} -> {side}x{side} "
+                f"(MODEL.CLIP.INPUT_RESOLUTION {image_encoder.input_resolution})"
+            )
+        report.notes.append(
+            f"ViT positional grid {side}x{side} ({value.shape[0]} x {value.shape[1]}) kept; each input's "
+            f"patch grid gets it resized on the fly."
+        )
+    return value
+
+
 def load_clip_weights(model: nn.Module, state: Dict[str, torch.Tensor], path: str = "") -> ClipLoadReport:
     """
-    Load a CLIP state dict (CLIP key names) into the CLIPResNet and ContextTextEncoder of ``model``.
+    Load a CLIP state dict (CLIP key names) into the CLIP image encoder (CLIPResNet or
+    CLIPVisionTransformer) and ContextTextEncoder of ``model``.
 
     Raises:
         ValueError if the checkpoint's architecture does not fit the model's, naming both.
     """
-    encoders = _find_module(model, CLIPResNet)
+    encoders = _find_module(model, (CLIPResNet, CLIPVisionTransformer))
     if len(encoders) != 1:
-        raise ValueError(f"Expected one CLIPResNet in the model to load CLIP weights into, found {len(encoders)}")
+        raise ValueError(
+            f"Expected one CLIP image encoder (CLIPResNet, CLIPVisionTransformer) in the model to load CLIP "
+            f"weights into, found {len(encoders)}"
+        )
     image_prefix, image_encoder = encoders[0][0] + ".", encoders[0][1]
     texts = _find_module(model, ContextTextEncoder)
     text_prefix, text_encoder = (texts[0][0] + ".", texts[0][1]) if texts else ("", None)
@@ -230,10 +292,10 @@ def load_clip_weights(model: nn.Module, state: Dict[str, torch.Tensor], path: st
     if problems:
         where = f"CLIP checkpoint {path}" if path else "The CLIP checkpoint"
         raise ValueError(
-            f"{where} does not fit the model's architecture: it holds {describe_clip_architecture(state)}, "
-            f"the model is configured with MODEL.CLIP {_describe_model(image_encoder)}. "
-            f"{'; '.join(problems)}. Use the config that matches these weights (R_50 configs for RN50, "
-            f"R_101 for RN101) or the weights that match the config."
+            f"{where} does not fit the model's architecture: it holds {describe_clip_architecture(state)}; "
+            f"the model is configured (MODEL.CLIP) with {_describe_model(image_encoder)}. "
+            f"{'; '.join(problems)}. Use the config that matches these weights ({_CONFIGS_FOR}) or the "
+            f"weights that match the config."
         )
     model.load_state_dict(mapped, strict=False)
     report.image_encoder_tensors = sum(k.startswith(image_prefix) for k in mapped)

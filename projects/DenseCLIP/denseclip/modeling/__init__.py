@@ -1,5 +1,13 @@
 from . import backbone  # noqa: F401  (registers the CLIP backbones)
-from .backbone import CLIPResNet, LanguageGuidedBackbone, build_clip_fpn_backbone, build_retinanet_clip_fpn_backbone
+from .backbone import (
+    CLIPResNet,
+    CLIPVisionTransformer,
+    LanguageGuidedBackbone,
+    build_clip_fpn_backbone,
+    build_clip_vit_sfp_backbone,
+    build_retinanet_clip_fpn_backbone,
+    build_retinanet_clip_vit_sfp_backbone,
+)
 from .context_decoder import ContextDecoder
 from .meta_arch import DenseCLIPDetector, DenseCLIPRCNN, DenseCLIPRetinaNet
 from .score_map import PixelTextScoreMap

@@ -7,10 +7,10 @@ import torch
 
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping, reduce_param_groups
 
-from ..modeling.backbone import AttentionPooledBackbone, CLIPResNet
+from ..modeling.backbone import AttentionPooledBackbone, CLIPResNet, CLIPVisionTransformer
 
 # Pretrained image encoders, trained at SOLVER.BACKBONE_MULTIPLIER x the base learning rate.
-IMAGE_ENCODERS = (CLIPResNet,)
+IMAGE_ENCODERS = (CLIPResNet, CLIPVisionTransformer)
 
 __all__ = ["build_optimizer"]
 

@@ -75,7 +75,7 @@ EXTRA_HANDLES = {
 # also ignores eval-mode batch norm, an elementwise affine), lookups, views and comparisons.
 IGNORED_OPS = [
     "aten::add", "aten::add_", "aten::sub", "aten::rsub", "aten::mul", "aten::mul_", "aten::div",
-    "aten::div_", "aten::neg", "aten::reciprocal", "aten::exp", "aten::log2", "aten::sqrt",
+    "aten::div_", "aten::neg", "aten::reciprocal", "aten::exp", "aten::log2", "aten::sqrt", "aten::pow",
     "aten::batch_norm", "aten::gelu", "aten::sigmoid", "aten::sigmoid_", "aten::softmax", "aten::clamp_min",
     "aten::embedding", "aten::expand_as", "aten::unflatten", "aten::pad", "aten::meshgrid",
     "aten::nonzero_numpy", "aten::repeat_interleave", "aten::argmax", "aten::argsort", "aten::sort",
