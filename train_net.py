@@ -30,7 +30,8 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = DenseCLIPTrainer.build_model(cfg)
-        DenseCLIPCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = DenseCLIPCheckpointer(model, cfg.OUTPUT_DIR, text_weights=cfg.MODEL.DENSECLIP.TEXT_WEIGHTS)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return DenseCLIPTrainer.test(cfg, model)
     trainer = DenseCLIPTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)

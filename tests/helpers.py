@@ -334,3 +334,34 @@ def tiny_vit_detector_cfg(kind: str = "retinanet", class_names=("cat", "dog", "t
         cfg.MODEL.CLIP.VIT[key] = shrunk.MODEL.CLIP.VIT[key]
     cfg.MODEL.CLIP.INPUT_RESOLUTION = shrunk.MODEL.CLIP.INPUT_RESOLUTION
     return cfg
+
+
+def any_backbone_cfg(kind: str = "retinanet"):
+    """The R-50 ImageNet config of ``kind``, shrunk: Detectron2's ResNet-18 on 64-96 px images, the tiny
+    CLIP text encoder (tiny_open_clip's shapes), tiny heads; no weights files."""
+    config = {
+        "retinanet": "configs/COCO-Detection/retinanet_denseclip_R_50_ImageNet_FPN_1x.yaml",
+        "mask_rcnn": "configs/COCO-InstanceSegmentation/mask_rcnn_denseclip_R_50_ImageNet_FPN_1x.yaml",
+    }[kind]
+    cfg = tiny_detector_cfg(kind)
+    cfg.merge_from_file(os.path.join(REPO, config))
+    cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 18, 64
+    cfg.MODEL.RESNETS.OUT_FEATURES = list(cfg.MODEL.FPN.IN_FEATURES)
+    cfg.MODEL.DENSECLIP.ATTENTION_POOL_HEADS = 4
+    cfg.MODEL.WEIGHTS = cfg.MODEL.DENSECLIP.TEXT_WEIGHTS = ""
+    cfg.MODEL.FPN.OUT_CHANNELS = 16
+    return cfg
+
+
+def context_decoder_parameters(visual_dim, width, layers):
+    """The release's context decoder, written down: LayerNorm/Linear projections in and out, and per
+    layer three LayerNorms, two attentions (q, k, v without bias; output projection with bias) and a
+    width -> 4 width -> width MLP."""
+    norm = lambda d: 2 * d  # noqa: E731
+    linear = lambda i, o, bias=True: i * o + (o if bias else 0)  # noqa: E731
+    attention = 3 * linear(width, width, bias=False) + linear(width, width)
+    layer = 3 * norm(width) + 2 * attention + linear(width, 4 * width) + linear(4 * width, width)
+    memory = norm(visual_dim) + linear(visual_dim, width) + norm(width)
+    text = norm(visual_dim) + linear(visual_dim, width)
+    out = norm(width) + linear(width, visual_dim)
+    return memory + text + layers * layer + out

@@ -1,10 +1,11 @@
 import math
 
+import pytest
 import torch
 
 from denseclip.modeling.backbone import dense_attention_pool, resize_positional_grid
 
-from helpers import clip_resnet
+from helpers import any_backbone_cfg, clip_resnet
 
 
 def tiny_resnet(**kwargs):
@@ -66,3 +67,25 @@ def test_feature_map_larger_than_grid_interpolates():
     with torch.no_grad():
         _, expected = direct_attention_pool(model.attnpool, res5, grid)
     torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_pooled_backbone_pools_the_top_feature():
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling import build_resnet_backbone
+
+    from denseclip.modeling.backbone import AttentionPooledBackbone
+
+    cfg = any_backbone_cfg()
+    net = build_resnet_backbone(cfg, ShapeSpec(channels=3))
+    torch.manual_seed(0)
+    pooled = AttentionPooledBackbone(net, "res5", embed_dim=32, heads=4, grid_size=2)
+    image = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        features, global_embedding, dense = pooled.forward_with_embeddings(image)
+        expected_global, expected_dense = dense_attention_pool(pooled.attnpool, net(image)["res5"])
+    assert pooled.output_shape() == net.output_shape()
+    assert dense.shape == (2, 32, 3, 2) and global_embedding.shape == (2, 32)
+    torch.testing.assert_close(dense, expected_dense)
+    torch.testing.assert_close(global_embedding, expected_global)
+    # Initialised as CLIP initialises its pool: projections with std in_channels^-0.5.
+    assert pooled.attnpool.q_proj.weight.std().item() == pytest.approx(512**-0.5, rel=0.05)

@@ -10,6 +10,8 @@ from detectron2.modeling import build_model
 
 from denseclip import add_denseclip_config
 
+from helpers import context_decoder_parameters
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # DESIGN.md / the paper: parameters in millions.
@@ -88,3 +90,55 @@ def test_all_coco_class_names_fit_the_prompt():
 
     names = MetadataCatalog.get("coco_2017_train").thing_classes
     assert tokenize_class_names(names, prompt_length=5).shape == (80, 5)
+
+
+def conv(c_in, c_out, kernel, bias=True):
+    return c_in * c_out * kernel * kernel + (c_out if bias else 0)
+
+
+def detectron2_r50_parameters() -> int:
+    """Detectron2's ResNet-50: convolutions without bias; its frozen BatchNorm holds buffers only."""
+    total, channels = conv(3, 64, 7, bias=False), 64
+    for blocks, mid, out in ((3, 64, 256), (4, 128, 512), (6, 256, 1024), (3, 512, 2048)):
+        for block in range(blocks):
+            total += conv(channels, mid, 1, False) + conv(mid, mid, 3, False) + conv(mid, out, 1, False)
+            total += conv(channels, out, 1, False) if block == 0 else 0  # the projection shortcut
+            channels = out
+    return total
+
+
+IMAGENET_CONFIGS = {
+    "COCO-Detection/retinanet_denseclip_R_50_ImageNet_FPN_1x.yaml": "retinanet",
+    "COCO-InstanceSegmentation/mask_rcnn_denseclip_R_50_ImageNet_FPN_1x.yaml": "mask_rcnn",
+}
+
+
+def imagenet_config_parameters(kind: str, classes: int = 80, embed: int = 1024) -> int:
+    """R-50, a new attention pool on res5 (42 x 42 grid + 1, q/k/v/out projections), the score-map parts
+    (context decoder, gamma, 8 contexts of width 512), FPN on res5 + K score maps, and the heads."""
+    pool = (42 * 42 + 1) * 2048 + 3 * conv(2048, 2048, 1) + conv(2048, embed, 1)
+    score_map = context_decoder_parameters(embed, 256, 3) + embed + 8 * 512
+    total = detectron2_r50_parameters() + pool + score_map
+    if kind == "retinanet":
+        total += sum(conv(c, 256, 1) + conv(256, 256, 3) for c in (512, 1024, 2048 + classes))
+        total += conv(2048 + classes, 256, 3) + conv(256, 256, 3)  # P6 on res5 + scores, P7
+        total += 8 * conv(256, 256, 3) + conv(256, 9 * classes, 3) + conv(256, 9 * 4, 3)
+    else:
+        total += sum(conv(c, 256, 1) + conv(256, 256, 3) for c in (256, 512, 1024, 2048 + classes))
+        total += conv(256, 256, 3) + conv(256, 3, 1) + conv(256, 12, 1)  # RPN, 3 anchors a location
+        total += conv(256 * 7 * 7, 1024, 1) + conv(1024, 1024, 1) + conv(1024, classes + 1, 1) + conv(1024, 4 * classes, 1)
+        total += 4 * conv(256, 256, 3) + conv(256, 256, 2) + conv(256, classes, 1)  # mask head
+    return total
+
+
+@pytest.mark.parametrize("config", sorted(IMAGENET_CONFIGS))
+def test_imagenet_configs_build_and_count(config):
+    from denseclip.modeling.backbone import AttentionPooledBackbone
+
+    cfg = load(config)
+    model = build_model(cfg).eval()
+    assert isinstance(model.backbone.bottom_up, AttentionPooledBackbone)
+    assert type(model.backbone.bottom_up.net).__name__ == "ResNet"
+    assert inference_parameters(model) == imagenet_config_parameters(IMAGENET_CONFIGS[config])
+    assert cfg.INPUT.FORMAT == "BGR" and cfg.MODEL.BACKBONE.FREEZE_AT == 2 and cfg.MODEL.RESNETS.NORM == "FrozenBN"
+    assert cfg.MODEL.DENSECLIP.TEXT_WEIGHTS == "pretrained/RN50.pt" and cfg.MODEL.WEIGHTS.endswith("R-50.pkl")

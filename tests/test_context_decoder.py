@@ -6,30 +6,16 @@ import torch.nn.functional as F
 
 from denseclip.modeling import ContextDecoder, PixelTextScoreMap
 
-from helpers import text_encoder
+from helpers import context_decoder_parameters, text_encoder
 
 
 def count(module):
     return sum(p.numel() for p in module.parameters())
 
 
-def release_parameter_count(visual_dim, width, layers):
-    """The release's context decoder, written down: LayerNorm/Linear projections in and out, and per
-    layer three LayerNorms, two attentions (q, k, v without bias; output projection with bias) and a
-    width -> 4 width -> width MLP."""
-    norm = lambda d: 2 * d  # noqa: E731
-    linear = lambda i, o, bias=True: i * o + (o if bias else 0)  # noqa: E731
-    attention = 3 * linear(width, width, bias=False) + linear(width, width)
-    layer = 3 * norm(width) + 2 * attention + linear(width, 4 * width) + linear(4 * width, width)
-    memory = norm(visual_dim) + linear(visual_dim, width) + norm(width)
-    text = norm(visual_dim) + linear(visual_dim, width)
-    out = norm(width) + linear(width, visual_dim)
-    return memory + text + layers * layer + out
-
-
 def test_release_shapes_names_and_parameter_count():
     decoder = ContextDecoder(visual_dim=1024, width=256, heads=4, layers=3, dropout=0.1)
-    assert count(decoder) == release_parameter_count(1024, 256, 3)
+    assert count(decoder) == context_decoder_parameters(1024, 256, 3)
     names = [n for n, _ in decoder.named_parameters()]
     assert not [n for n in names if n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))]
     assert {n.split(".", 2)[2] for n in names if n.startswith("layers.0.")} == {

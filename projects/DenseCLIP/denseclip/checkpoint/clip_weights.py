@@ -159,12 +159,19 @@ class ClipLoadReport:
     unused: List[str] = field(default_factory=list)
     not_from_clip: int = 0
     text_activation: Optional[str] = None
+    text_only: bool = False
 
     def summary(self, path: str) -> str:
-        lines = [
-            f"Loaded CLIP weights from {path}: {self.image_encoder_tensors} image-encoder tensors, "
-            f"{self.text_encoder_tensors} text-encoder tensors."
-        ]
+        if self.text_only:
+            lines = [
+                f"Loaded the text encoder from CLIP weights {path} (MODEL.DENSECLIP.TEXT_WEIGHTS): "
+                f"{self.text_encoder_tensors} tensors."
+            ]
+        else:
+            lines = [
+                f"Loaded CLIP weights from {path}: {self.image_encoder_tensors} image-encoder tensors, "
+                f"{self.text_encoder_tensors} text-encoder tensors."
+            ]
         if self.text_activation:
             lines.append(
                 f"  Text encoder activation: {self.text_activation} (MODEL.CLIP.ACTIVATION; OpenAI's CLIP "
@@ -173,10 +180,11 @@ class ClipLoadReport:
         lines += [f"  {note}" for note in self.resized + self.notes]
         if self.unused:
             lines.append(f"  Not used by this model: {', '.join(self.unused)}.")
-        lines.append(
-            f"  {self.not_from_clip} other tensors (FPN, heads, context decoder, learnable contexts) "
-            f"are not part of CLIP and keep their fresh initialisation, as intended."
-        )
+        if not self.text_only:
+            lines.append(
+                f"  {self.not_from_clip} other tensors (FPN, heads, context decoder, learnable contexts) "
+                f"are not part of CLIP and keep their fresh initialisation, as intended."
+            )
         return "\n".join(lines)
 
 
@@ -186,6 +194,10 @@ def _clip_to_model_keys(state, image_prefix, text_prefix, image_encoder, text_en
     for key, value in state.items():
         if key.startswith("visual."):
             name = key[len("visual."):]
+            if image_encoder is None:  # text only: the image encoder's weights come from elsewhere
+                if name == "conv1.weight":
+                    report.unused.append("visual.* (the image encoder's weights come from MODEL.WEIGHTS)")
+                continue
             if isinstance(image_encoder, CLIPVisionTransformer):
                 value = _vit_tensor(name, value, image_encoder, report)
                 if value is not None:
@@ -247,30 +259,48 @@ def _vit_tensor(name: str, value: torch.Tensor, image_encoder: CLIPVisionTransfo
     return value
 
 
-def load_clip_weights(model: nn.Module, state: Dict[str, torch.Tensor], path: str = "") -> ClipLoadReport:
+def _describe_text(text_encoder: Optional[ContextTextEncoder]) -> str:
+    if text_encoder is None:
+        return "no text encoder"
+    return (
+        f"a text encoder of TEXT.WIDTH {text_encoder.width}, TEXT.LAYERS {len(text_encoder.transformer.resblocks)}, "
+        f"EMBED_DIM {text_encoder.text_projection.shape[1]}"
+    )
+
+
+def load_clip_weights(
+    model: nn.Module, state: Dict[str, torch.Tensor], path: str = "", text_only: bool = False
+) -> ClipLoadReport:
     """
     Load a CLIP state dict (CLIP key names) into the CLIP image encoder (CLIPResNet or
-    CLIPVisionTransformer) and ContextTextEncoder of ``model``.
+    CLIPVisionTransformer) and ContextTextEncoder of ``model``; with ``text_only``, into the text
+    encoder alone (the image encoder may be any backbone).
 
     Raises:
         ValueError if the checkpoint's architecture does not fit the model's, naming both.
     """
-    encoders = _find_module(model, (CLIPResNet, CLIPVisionTransformer))
-    if len(encoders) != 1:
-        raise ValueError(
-            f"Expected one CLIP image encoder (CLIPResNet, CLIPVisionTransformer) in the model to load CLIP "
-            f"weights into, found {len(encoders)}"
-        )
-    image_prefix, image_encoder = encoders[0][0] + ".", encoders[0][1]
     texts = _find_module(model, ContextTextEncoder)
     text_prefix, text_encoder = (texts[0][0] + ".", texts[0][1]) if texts else ("", None)
+    if text_only:
+        if text_encoder is None:
+            raise ValueError("This model has no text encoder to load CLIP's text weights into")
+        image_prefix, image_encoder = None, None
+    else:
+        encoders = _find_module(model, (CLIPResNet, CLIPVisionTransformer))
+        if len(encoders) != 1:
+            raise ValueError(
+                f"Expected one CLIP image encoder (CLIPResNet, CLIPVisionTransformer) in the model to load "
+                f"CLIP weights into, found {len(encoders)}. For another image backbone, give CLIP's weights "
+                f"as MODEL.DENSECLIP.TEXT_WEIGHTS (text encoder only)."
+            )
+        image_prefix, image_encoder = encoders[0][0] + ".", encoders[0][1]
 
-    report = ClipLoadReport()
+    report = ClipLoadReport(text_only=text_only)
     mapped = _clip_to_model_keys(state, image_prefix, text_prefix, image_encoder, text_encoder, report)
     own = model.state_dict()
     clip_owned = [
         k for k in own
-        if k.startswith(image_prefix) or (text_encoder is not None and k.startswith(text_prefix))
+        if (image_prefix and k.startswith(image_prefix)) or (text_encoder is not None and k.startswith(text_prefix))
     ]
     # BatchNorm step counters mean nothing to frozen statistics; either side may lack them.
     mapped = {k: v for k, v in mapped.items() if k in own or not k.endswith("num_batches_tracked")}
@@ -291,6 +321,15 @@ def load_clip_weights(model: nn.Module, state: Dict[str, torch.Tensor], path: st
         problems.append(f"{len(mismatched)} tensors differ in shape (e.g. {mismatched[0]})")
     if problems:
         where = f"CLIP checkpoint {path}" if path else "The CLIP checkpoint"
+        if text_only:
+            checkpoint_text = describe_clip_architecture(state) + (
+                f" and a text encoder of width {state['token_embedding.weight'].shape[1]}"
+                if "token_embedding.weight" in state else ""
+            )
+            raise ValueError(
+                f"{where} does not fit the model's text encoder: it holds {checkpoint_text}; the model has "
+                f"{_describe_text(text_encoder)} (MODEL.CLIP.TEXT, MODEL.CLIP.EMBED_DIM). {'; '.join(problems)}."
+            )
         raise ValueError(
             f"{where} does not fit the model's architecture: it holds {describe_clip_architecture(state)}; "
             f"the model is configured (MODEL.CLIP) with {_describe_model(image_encoder)}. "
@@ -298,7 +337,7 @@ def load_clip_weights(model: nn.Module, state: Dict[str, torch.Tensor], path: st
             f"weights that match the config."
         )
     model.load_state_dict(mapped, strict=False)
-    report.image_encoder_tensors = sum(k.startswith(image_prefix) for k in mapped)
+    report.image_encoder_tensors = sum(k.startswith(image_prefix) for k in mapped) if image_prefix else 0
     report.text_encoder_tensors = len(mapped) - report.image_encoder_tensors
     report.not_from_clip = len(own) - len(mapped)
     report.text_activation = text_encoder.activation if text_encoder is not None else None

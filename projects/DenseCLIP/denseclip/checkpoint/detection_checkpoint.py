@@ -7,6 +7,7 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
+from ..modeling.text_encoder import ContextTextEncoder
 from .clip_weights import as_clip_state_dict, load_clip_weights, read_checkpoint_file
 
 __all__ = ["DenseCLIPCheckpointer"]
@@ -14,9 +15,9 @@ __all__ = ["DenseCLIPCheckpointer"]
 logger = logging.getLogger(__name__)
 
 CLIP_WEIGHTS_HELP = (
-    "Training starts from CLIP's weights: OpenAI's RN50.pt / RN101.pt TorchScript archives or "
-    "open_clip state dicts (.pt, .bin, .safetensors), set as MODEL.WEIGHTS. Nothing is downloaded "
-    "for you; see README.md, 'CLIP weights'."
+    "Training starts from CLIP's weights: OpenAI's RN50.pt / RN101.pt / ViT-B-16.pt TorchScript archives "
+    "or open_clip state dicts (.pt, .bin, .safetensors), set as MODEL.WEIGHTS. Nothing is downloaded "
+    "for you; see README.md, 'What needs real weights'."
 )
 
 
@@ -27,18 +28,42 @@ class DenseCLIPCheckpointer(DetectionCheckpointer):
     1. loads CLIP checkpoints given as MODEL.WEIGHTS into the image and text encoders (positional
        grids resized), and says plainly what it loaded; a checkpoint of another architecture is an
        error that names both architectures;
-    2. fails with a clear message when the weights file does not exist;
-    3. writes checkpoints and the ``last_checkpoint`` tag atomically, so a process killed while
+    2. with ``text_weights`` (MODEL.DENSECLIP.TEXT_WEIGHTS), fills the text encoder from that CLIP
+       file whenever the loaded checkpoint has none (e.g. ImageNet weights of the image backbone);
+    3. refuses missing, empty, truncated and foreign files, and unconverted release checkpoints,
+       with a message that names the file;
+    4. writes checkpoints and the ``last_checkpoint`` tag atomically, so a process killed while
        saving never leaves a broken file for ``--resume`` to pick.
     """
 
+    def __init__(self, model, save_dir: str = "", *, text_weights: str = "", **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.text_weights = text_weights
+        self._text_encoder_loaded = False
+
     def load(self, path, *args, **kwargs):
-        if path and not urlparse(path).scheme and not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"MODEL.WEIGHTS file not found: {path}. Check the path, or set MODEL.WEIGHTS '' to start "
-                f"from random weights. {CLIP_WEIGHTS_HELP}"
+        for key, file in (("MODEL.WEIGHTS", path), ("MODEL.DENSECLIP.TEXT_WEIGHTS", self.text_weights)):
+            if file and not urlparse(file).scheme and not os.path.isfile(file):
+                raise FileNotFoundError(
+                    f"{key} file not found: {file}. Check the path, or set {key} '' to start from random "
+                    f"weights. {CLIP_WEIGHTS_HELP}"
+                )
+        self._text_encoder_loaded = False
+        loaded = super().load(path, *args, **kwargs)
+        has_text_encoder = any(isinstance(m, ContextTextEncoder) for m in self.model.modules())
+        if self.text_weights and has_text_encoder and not self._text_encoder_loaded:
+            self._load_text_weights()
+        return loaded
+
+    def _load_text_weights(self):
+        state = as_clip_state_dict(read_checkpoint_file(self.text_weights))
+        if state is None:
+            raise ValueError(
+                f"MODEL.DENSECLIP.TEXT_WEIGHTS {self.text_weights} is not a CLIP checkpoint (no visual.* and "
+                f"text keys of OpenAI's or open_clip's CLIP)"
             )
-        return super().load(path, *args, **kwargs)
+        report = load_clip_weights(self.model, state, self.text_weights, text_only=True)
+        logger.info(report.summary(self.text_weights))
 
     def _load_file(self, filename):
         if filename.endswith(".pkl"):  # Detectron2's pickled model-zoo weights (ImageNet backbones)
@@ -62,9 +87,13 @@ class DenseCLIPCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         if checkpoint.get("__author__") != "CLIP":
+            self._text_encoder_loaded = any(
+                ".text_encoder." in k and not k.endswith(".contexts") for k in checkpoint["model"]
+            )
             return super()._load_model(checkpoint)
         path = checkpoint.pop("__path__", "")
         report = load_clip_weights(self.model, checkpoint.pop("model"), path)
+        self._text_encoder_loaded = report.text_encoder_tensors > 0
         logger.info(report.summary(path))
         return None
 

@@ -29,7 +29,7 @@ class DenseCLIPPredictor(DefaultPredictor):
         self.model = build_model(self.cfg).eval()
         if len(cfg.DATASETS.TEST):
             self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
-        DenseCLIPCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        DenseCLIPCheckpointer(self.model, text_weights=cfg.MODEL.DENSECLIP.TEXT_WEIGHTS).load(cfg.MODEL.WEIGHTS)
         self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in ("RGB", "BGR"):

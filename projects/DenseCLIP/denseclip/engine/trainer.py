@@ -70,7 +70,9 @@ class DenseCLIPTrainer(DefaultTrainer):
         )
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DenseCLIPCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = DenseCLIPCheckpointer(
+            model, cfg.OUTPUT_DIR, text_weights=cfg.MODEL.DENSECLIP.TEXT_WEIGHTS, trainer=weakref.proxy(self)
+        )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
