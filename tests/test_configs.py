@@ -14,7 +14,7 @@ from helpers import context_decoder_parameters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# DESIGN.md / the paper: parameters in millions.
+# The paper's tables: parameters in millions.
 PAPER_PARAMS = {
     "COCO-Detection/retinanet_clip_R_50_FPN_1x.yaml": 38,
     "COCO-Detection/retinanet_denseclip_R_50_FPN_1x.yaml": 60,
