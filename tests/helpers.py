@@ -41,7 +41,22 @@ def save_torchscript(model: torch.nn.Module, path) -> None:
     torch.jit.trace(model, (image, text), check_trace=False).save(str(path))
 
 
+def conv(c_in: int, c_out: int, kernel: int, bias: bool = True) -> int:
+    """Parameters of a convolution (a linear layer with kernel 1)."""
+    return c_in * c_out * kernel * kernel + (c_out if bias else 0)
+
+
+def inference_parameters(model) -> int:
+    """Parameters of a deployed model: all but the frozen CLIP text encoder (its output is cached), the
+    learnable contexts included."""
+    return sum(p.numel() for name, p in model.named_parameters() if "text_encoder." not in name or name.endswith("contexts"))
+
+
 TINY_CLIP = dict(layers=[1, 1, 1, 1], width=8, embed_dim=32, text_width=32, text_heads=2, text_layers=1)
+TINY_TEXT = dict(
+    context_length=77, vocab_size=49408, width=TINY_CLIP["text_width"], heads=TINY_CLIP["text_heads"],
+    layers=TINY_CLIP["text_layers"],
+)
 
 
 def tiny_open_clip(seed: int = 0, layers=None) -> torch.nn.Module:
@@ -50,13 +65,7 @@ def tiny_open_clip(seed: int = 0, layers=None) -> torch.nn.Module:
     model = open_clip.model.CLIP(
         embed_dim=TINY_CLIP["embed_dim"],
         vision_cfg=dict(layers=list(layers or TINY_CLIP["layers"]), width=TINY_CLIP["width"], image_size=64),
-        text_cfg=dict(
-            context_length=77,
-            vocab_size=49408,
-            width=TINY_CLIP["text_width"],
-            heads=TINY_CLIP["text_heads"],
-            layers=TINY_CLIP["text_layers"],
-        ),
+        text_cfg=TINY_TEXT,
         quick_gelu=True,
     )
     return randomize_batchnorm(model, seed).eval()
@@ -285,13 +294,7 @@ def tiny_open_clip_vit(seed: int = 0, layers=None) -> torch.nn.Module:
             patch_size=TINY_VIT["patch_size"],
             image_size=TINY_VIT["image_size"],
         ),
-        text_cfg=dict(
-            context_length=77,
-            vocab_size=49408,
-            width=TINY_CLIP["text_width"],
-            heads=TINY_CLIP["text_heads"],
-            layers=TINY_CLIP["text_layers"],
-        ),
+        text_cfg=TINY_TEXT,
         quick_gelu=True,
     )
     return randomize_layernorm(model, seed).eval()

@@ -26,6 +26,8 @@ from denseclip.utils.analysis import count_flops
 
 from helpers import (
     REPO,
+    conv,
+    inference_parameters,
     tiny_cfg,
     tiny_open_clip,
     tiny_open_clip_vit,
@@ -350,10 +352,6 @@ VIT_CONFIGS = [
 ]
 
 
-def conv(c_in, c_out, k, bias=True):
-    return c_in * c_out * k * k + (c_out if bias else 0)
-
-
 def vit_b16_parameters(embeddings: bool) -> int:
     """CLIP ViT-B/16: patch embedding, class token, 14 x 14 + 1 positions, ln_pre, 12 blocks; ln_post
     and the 768 -> 512 projection only for DenseCLIP (the dense embeddings)."""
@@ -402,11 +400,6 @@ def expected_parameters(config: str) -> int:
         total += conv(1024, classes + 1, 1) + conv(1024, 4 * classes, 1)  # class and box predictors
         total += 4 * conv(256, 256, 3) + conv(256, 256, 2) + conv(256, classes, 1)  # mask head
     return total
-
-
-def inference_parameters(model):
-    """Everything but the frozen CLIP text encoder (its output is cached); the contexts included."""
-    return sum(p.numel() for name, p in model.named_parameters() if "text_encoder." not in name or name.endswith("contexts"))
 
 
 @pytest.mark.slow

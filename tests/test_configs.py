@@ -10,7 +10,7 @@ from detectron2.modeling import build_model
 
 from denseclip import add_denseclip_config
 
-from helpers import context_decoder_parameters
+from helpers import context_decoder_parameters, conv, inference_parameters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,11 +33,6 @@ def load(config):
     cfg.merge_from_file(os.path.join(ROOT, "configs", config))
     cfg.MODEL.DEVICE = "cpu"
     return cfg
-
-
-def inference_parameters(model):
-    """Parameters of the deployed model: everything but the frozen CLIP text encoder."""
-    return sum(p.numel() for name, p in model.named_parameters() if "text_encoder." not in name or name.endswith("contexts"))
 
 
 @pytest.mark.parametrize("config", sorted(PAPER_PARAMS))
@@ -90,10 +85,6 @@ def test_all_coco_class_names_fit_the_prompt():
 
     names = MetadataCatalog.get("coco_2017_train").thing_classes
     assert tokenize_class_names(names, prompt_length=5).shape == (80, 5)
-
-
-def conv(c_in, c_out, kernel, bias=True):
-    return c_in * c_out * kernel * kernel + (c_out if bias else 0)
 
 
 def detectron2_r50_parameters() -> int:
