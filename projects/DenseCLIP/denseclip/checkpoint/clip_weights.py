@@ -60,7 +60,7 @@ def read_checkpoint_file(path: str):
             head = f.read(4)
         if head[:2] != b"PK" and head[:1] != b"\x80":  # neither a zip archive nor a pickle
             what = "not a checkpoint (neither a PyTorch file, a TorchScript archive nor safetensors)"
-        elif zipfile.is_zipfile(path) and "Weights only load failed" in str(e):
+        elif "Weights only load failed" in str(e) and "truncated" not in str(e):
             what = "a PyTorch file holding Python objects other than tensors and plain values, which are not loaded"
         else:
             what = "truncated or damaged (an incomplete PyTorch file)"
