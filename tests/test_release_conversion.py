@@ -360,3 +360,14 @@ def test_the_four_released_layouts_convert_and_load(detector, depth, tmp_path):
     model = build_model(cfg)
     converted = torch.load(output, map_location="cpu", weights_only=True)["model"]
     model.load_state_dict(converted, strict=True)
+
+
+class _Pickled:
+    """Any Python object that torch.load(weights_only=True) refuses to unpickle."""
+
+
+def test_file_with_python_objects_is_refused_with_its_fix(tmp_path):
+    path = tmp_path / "model.pth"
+    torch.save({"state_dict": {"w": torch.zeros(3)}, "trainer": _Pickled()}, path)
+    with pytest.raises(ValueError, match=rf"{path} is a PyTorch file holding Python objects.*Save the model's state_dict"):
+        read_release_checkpoint(str(path))

@@ -58,14 +58,16 @@ def read_checkpoint_file(path: str):
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
         with open(path, "rb") as f:
             head = f.read(4)
+        fix = "Download or copy the file again."
         if head[:2] != b"PK" and head[:1] != b"\x80":  # neither a zip archive nor a pickle
             what = "not a checkpoint (neither a PyTorch file, a TorchScript archive nor safetensors)"
         elif "Weights only load failed" in str(e) and "truncated" not in str(e):
             what = "a PyTorch file holding Python objects other than tensors and plain values, which are not loaded"
+            fix = "Save the model's state_dict() with torch.save and give that file."
         else:
             what = "truncated or damaged (an incomplete PyTorch file)"
         reason = str(e).splitlines()[0].split(". ")[0]  # torch's first sentence
-        raise ValueError(f"{path} is {what} ({reason}). Download or copy the file again.") from e
+        raise ValueError(f"{path} is {what} ({reason}). {fix}") from e
 
 
 def as_clip_state_dict(obj) -> Optional[Dict[str, torch.Tensor]]:
