@@ -52,6 +52,16 @@ def inference_parameters(model) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if "text_encoder." not in name or name.endswith("contexts"))
 
 
+def assert_detects_on_random_image(model, masks: bool) -> None:
+    """An eval-mode detector (score threshold 0) gives instances, with masks if asked, on a 96 x 128 image."""
+    with torch.no_grad():
+        (output,) = model([{"image": torch.rand(3, 96, 128) * 255, "height": 96, "width": 128}])
+    instances = output["instances"]
+    assert instances.image_size == (96, 128) and len(instances) > 0
+    if masks:
+        assert instances.pred_masks.shape == (len(instances), 96, 128)
+
+
 TINY_CLIP = dict(layers=[1, 1, 1, 1], width=8, embed_dim=32, text_width=32, text_heads=2, text_layers=1)
 TINY_TEXT = dict(
     context_length=77, vocab_size=49408, width=TINY_CLIP["text_width"], heads=TINY_CLIP["text_heads"],

@@ -3,14 +3,13 @@
 import os
 
 import pytest
-import torch
 
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from denseclip import add_denseclip_config
 
-from helpers import context_decoder_parameters, conv, inference_parameters
+from helpers import assert_detects_on_random_image, context_decoder_parameters, conv, inference_parameters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,12 +42,7 @@ def test_full_size_config_builds_counts_and_infers(config):
     params = inference_parameters(model)
     print(f"{config}: {params / 1e6:.2f}M parameters")
     assert params / 1e6 == pytest.approx(PAPER_PARAMS[config], rel=0.03)
-    with torch.no_grad():
-        (output,) = model([{"image": torch.rand(3, 96, 128) * 255, "height": 96, "width": 128}])
-    instances = output["instances"]
-    assert instances.image_size == (96, 128) and len(instances) > 0
-    if "mask_rcnn" in config:
-        assert instances.pred_masks.shape == (len(instances), 96, 128)
+    assert_detects_on_random_image(model, masks="mask_rcnn" in config)
 
 
 @pytest.mark.parametrize("config", sorted(PAPER_PARAMS))

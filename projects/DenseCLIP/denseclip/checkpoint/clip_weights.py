@@ -210,14 +210,7 @@ def _clip_to_model_keys(state, image_prefix, text_prefix, image_encoder, text_en
                     report.unused.append("visual.attnpool (the CLIP baseline has no attention pool)")
                 continue
             if name == "attnpool.positional_embedding":
-                side = image_encoder.input_resolution // 32
-                if value.shape[0] != side * side + 1:
-                    old = int(round((value.shape[0] - 1) ** 0.5))
-                    value = resize_positional_grid(value, (side, side))
-                    report.resized.append(
-                        f"attention-pool positional grid interpolated {old}x{old} -> {side}x{side} "
-                        f"(MODEL.CLIP.INPUT_RESOLUTION {image_encoder.input_resolution})"
-                    )
+                value = _grid_for(value, image_encoder.input_resolution, 32, "attention-pool", report)
             mapped[image_prefix + name] = value
         elif key.startswith(_TEXT_PREFIXES):
             if text_encoder is None:
@@ -238,6 +231,19 @@ def _clip_to_model_keys(state, image_prefix, text_prefix, image_encoder, text_en
     return mapped
 
 
+def _grid_for(value: torch.Tensor, input_resolution: int, stride: int, what: str, report) -> torch.Tensor:
+    """A (1 + side^2) x C positional embedding resized to the grid of ``input_resolution / stride``."""
+    side = input_resolution // stride
+    if value.shape[0] == side * side + 1:
+        return value
+    old = int(round((value.shape[0] - 1) ** 0.5))
+    report.resized.append(
+        f"{what} positional grid interpolated {old}x{old} -> {side}x{side} "
+        f"(MODEL.CLIP.INPUT_RESOLUTION {input_resolution})"
+    )
+    return resize_positional_grid(value, (side, side))
+
+
 def _vit_tensor(name: str, value: torch.Tensor, image_encoder: CLIPVisionTransformer, report):
     """A ViT tensor as the model takes it: the positional grid resized if the model's differs, None
     for the output projection the CLIP baseline has not got."""
@@ -247,13 +253,7 @@ def _vit_tensor(name: str, value: torch.Tensor, image_encoder: CLIPVisionTransfo
         return None
     if name == "positional_embedding" and value.dim() == 2:
         side = image_encoder.input_resolution // image_encoder.patch_size[0]
-        if value.shape[0] != side * side + 1:
-            old = int(round((value.shape[0] - 1) ** 0.5))
-            value = resize_positional_grid(value, (side, side))
-            report.resized.append(
-                f"ViT positional grid interpolated {old}x{old} -> {side}x{side} "
-                f"(MODEL.CLIP.INPUT_RESOLUTION {image_encoder.input_resolution})"
-            )
+        value = _grid_for(value, image_encoder.input_resolution, image_encoder.patch_size[0], "ViT", report)
         report.notes.append(
             f"ViT positional grid {side}x{side} ({value.shape[0]} x {value.shape[1]}) kept; each input's "
             f"patch grid gets it resized on the fly."
