@@ -8,12 +8,15 @@ those of any names.
         --opts MODEL.WEIGHTS output/model_final.pth MODEL.DEVICE cpu
 """
 import argparse
+import functools
 import glob
 import os
 import sys
+import tempfile
 import time
 
 import cv2
+import numpy as np
 import tqdm
 
 from detectron2.data.detection_utils import read_image
@@ -89,13 +92,63 @@ def run_on_images(demo, paths, output):
                 break
 
 
-def run_on_video(demo, video, output):
+def _writes_video(fourcc: str, extension: str) -> bool:
+    """Whether this OpenCV build can write a video with this codec and container."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "probe" + extension)
+        stderr, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)  # OpenCV's FFmpeg reports a missing encoder on stderr: expected while probing
+        os.close(devnull)
+        try:
+            writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), 30.0, (16, 16))
+            opened = writer.isOpened()
+            if opened:
+                writer.write(np.zeros((16, 16, 3), np.uint8))
+            writer.release()
+        finally:
+            os.dup2(stderr, 2)
+            os.close(stderr)
+        return opened and os.path.getsize(path) > 0
+
+
+@functools.lru_cache(maxsize=None)
+def video_format():
+    """(fourcc, extension) of the videos written: x264 in .mkv where OpenCV has it, else mp4v in .mp4
+    (the choice of Detectron2's demo)."""
+    return ("x264", ".mkv") if _writes_video("x264", ".mkv") else ("mp4v", ".mp4")
+
+
+def video_output_path(output: str, input_name: str, extension: str) -> str:
+    """The file a video is written to: ``output`` itself, with ``extension`` added when it has none, or,
+    for a folder (an existing one, or a path ending in a separator), ``input_name`` in it. Creates the
+    folder."""
+    if os.path.isdir(output) or output.endswith(("/", os.sep)):
+        path = os.path.join(output, os.path.splitext(os.path.basename(input_name))[0] + extension)
+    else:
+        path = output if os.path.splitext(output)[1] else output + extension
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return path
+
+
+def run_on_video(demo, video, output, source):
+    """Draw every frame of ``video``; write them to ``output`` (a file) or show them. Raises when no
+    frame can be read or the file cannot be written, so that nothing fails silently."""
+    if not video.isOpened():
+        raise ValueError(f"{source}: OpenCV cannot open it as a video")
     fps = video.get(cv2.CAP_PROP_FPS) or 15
-    writer = None
+    writer, frames = None, 0
+    if output:  # the probed codec for its own container, else mp4v (which OpenCV writes in .mp4, .mkv, .avi)
+        fourcc = video_format()[0] if output.lower().endswith(video_format()[1]) else "mp4v"
     for frame in demo.run_on_video(video):
+        frames += 1
         if output:
             if writer is None:
-                writer = cv2.VideoWriter(output, cv2.VideoWriter_fourcc(*"mp4v"), fps, frame.shape[1::-1])
+                writer = cv2.VideoWriter(output, cv2.VideoWriter_fourcc(*fourcc), fps, frame.shape[1::-1])
+                if not writer.isOpened():
+                    raise ValueError(
+                        f"--output {output}: OpenCV cannot write this video format ({fourcc}); name the file "
+                        f"with the extension {video_format()[1]}, or give a folder"
+                    )
             writer.write(frame)
         else:
             cv2.imshow("DenseCLIP", frame)
@@ -104,6 +157,12 @@ def run_on_video(demo, video, output):
     if writer is not None:
         writer.release()
     video.release()
+    if frames == 0:
+        raise ValueError(f"{source}: no frame could be read (OpenCV cannot decode it)")
+    if output and not (os.path.isfile(output) and os.path.getsize(output) > 0):
+        raise ValueError(f"--output {output}: OpenCV wrote nothing; give a folder or a file ending in {video_format()[1]}")
+    if output:
+        print(f"{source}: {frames} frames written to {output}")
 
 
 def main(argv=None):
@@ -118,14 +177,13 @@ def main(argv=None):
     if args.input:
         run_on_images(demo, expand_inputs(args.input), args.output)
     elif args.webcam:
-        run_on_video(demo, cv2.VideoCapture(0), args.output)
+        output = args.output and video_output_path(args.output, "webcam", video_format()[1])
+        run_on_video(demo, cv2.VideoCapture(0), output, "--webcam")
     elif args.video_input:
         if not os.path.isfile(args.video_input):
             raise FileNotFoundError(f"--video-input: no such file: {args.video_input}")
-        output = args.output
-        if output and os.path.isdir(output):
-            output = os.path.join(output, os.path.splitext(os.path.basename(args.video_input))[0] + ".mp4")
-        run_on_video(demo, cv2.VideoCapture(args.video_input), output)
+        output = args.output and video_output_path(args.output, args.video_input, video_format()[1])
+        run_on_video(demo, cv2.VideoCapture(args.video_input), output, args.video_input)
     else:
         raise SystemExit("Give --input, --video-input or --webcam")
 
