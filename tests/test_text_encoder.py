@@ -33,6 +33,9 @@ def test_name_too_long_for_prompt_is_a_clear_error():
     message = str(error.value)
     assert "'a very long class name'" in message and "'dog'" not in message
     assert "MODEL.DENSECLIP.PROMPT_LENGTH 7" in message
+    # when raising PROMPT_LENGTH applies (CLIP's 77 positions), and what to do with a trained model
+    assert "training from CLIP weights" in message and "77 positions" in message
+    assert "a trained model only loads with the PROMPT_LENGTH it was trained with" in message
 
 
 OPENAI_TEXT = {"RN50-quickgelu": 1024, "RN101-quickgelu": 512}  # embedding size of each

@@ -40,8 +40,10 @@ class DenseCLIPCheckpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, **kwargs)
         self.text_weights = text_weights
         self._text_encoder_loaded = False
+        self._path = ""
 
     def load(self, path, *args, **kwargs):
+        self._path = path
         for key, file in (("MODEL.WEIGHTS", path), ("MODEL.DENSECLIP.TEXT_WEIGHTS", self.text_weights)):
             if file and not urlparse(file).scheme and not os.path.isfile(file):
                 raise FileNotFoundError(
@@ -90,12 +92,35 @@ class DenseCLIPCheckpointer(DetectionCheckpointer):
             self._text_encoder_loaded = any(
                 ".text_encoder." in k and not k.endswith(".contexts") for k in checkpoint["model"]
             )
-            return super()._load_model(checkpoint)
+            incompatible = super()._load_model(checkpoint)
+            self._check_prompt_fits(incompatible.incorrect_shapes)
+            return incompatible
         path = checkpoint.pop("__path__", "")
         report = load_clip_weights(self.model, checkpoint.pop("model"), path)
         self._text_encoder_loaded = report.text_encoder_tensors > 0
         logger.info(report.summary(path))
         return None
+
+    def _check_prompt_fits(self, incorrect_shapes) -> None:
+        """Detectron2 skips tensors whose shape differs from the model's, with a warning. For a trained
+        text encoder's positional embedding (PROMPT_LENGTH + NUM_CONTEXT positions) and contexts that
+        would leave them random and change every prediction: refuse instead."""
+        shapes = {key: (tuple(ours), tuple(theirs)) for key, theirs, ours in incorrect_shapes}
+        for name, module in self.model.named_modules():
+            if not isinstance(module, ContextTextEncoder):
+                continue
+            positions, contexts = shapes.get(f"{name}.positional_embedding"), shapes.get(f"{name}.contexts")
+            if positions is None and contexts is None:
+                continue
+            ours = (module.positional_embedding.shape[0], module.num_context)
+            theirs = (positions[1][0] if positions else ours[0], contexts[1][0] if contexts else ours[1])
+            raise ValueError(
+                f"MODEL.WEIGHTS {self._path}: its text encoder was trained with {theirs[0]} token positions "
+                f"(PROMPT_LENGTH {theirs[0] - theirs[1]} + NUM_CONTEXT {theirs[1]}), this config's has "
+                f"{ours[0]} (MODEL.DENSECLIP.PROMPT_LENGTH {ours[0] - ours[1]} + NUM_CONTEXT {ours[1]}); "
+                f"loaded, its prompts would not fit. Set MODEL.DENSECLIP.PROMPT_LENGTH {theirs[0] - theirs[1]} "
+                f"and MODEL.DENSECLIP.NUM_CONTEXT {theirs[1]} (the trained values), and use names that fit them."
+            )
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:

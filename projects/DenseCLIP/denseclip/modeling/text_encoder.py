@@ -17,6 +17,9 @@ __all__ = ["ContextTextEncoder", "tokenize_class_names", "ACTIVATIONS"]
 # models trained from scratch without the "-quickgelu" suffix use GELU.
 ACTIVATIONS = {"QuickGELU": QuickGELU, "GELU": nn.GELU}
 
+# Token positions of CLIP's text encoder (its positional embedding), the most a prompt can use.
+CLIP_CONTEXT_LENGTH = 77
+
 _TOKENIZER = None
 
 
@@ -52,7 +55,10 @@ def tokenize_class_names(class_names: Sequence[str], prompt_length: int) -> torc
             f"Class names too long for MODEL.DENSECLIP.PROMPT_LENGTH={prompt_length} (start and end "
             f"token included, {prompt_length - 2} name tokens fit): {', '.join(too_long)}. "
             f"Shorten these names (MODEL.DENSECLIP.CLASS_NAMES, the dataset's category names or the "
-            f"vocabulary) or set MODEL.DENSECLIP.PROMPT_LENGTH {longest}."
+            f"vocabulary). When training from CLIP weights (their text encoder has {CLIP_CONTEXT_LENGTH} "
+            f"positions, for PROMPT_LENGTH + NUM_CONTEXT), MODEL.DENSECLIP.PROMPT_LENGTH {longest} also "
+            f"works; a trained model only loads with the PROMPT_LENGTH it was trained with, so with one, "
+            f"shorten the names."
         )
     tokens = torch.zeros(len(class_names), prompt_length, dtype=torch.long)
     for row, ids in enumerate(encoded):
