@@ -46,6 +46,16 @@ def conv(c_in: int, c_out: int, kernel: int, bias: bool = True) -> int:
     return c_in * c_out * kernel * kernel + (c_out if bias else 0)
 
 
+def count_parameters(module: torch.nn.Module) -> int:
+    """All parameters of a module."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest difference over largest value."""
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
 def inference_parameters(model) -> int:
     """Parameters of a deployed model: all but the frozen CLIP text encoder (its output is cached), the
     learnable contexts included."""
@@ -265,6 +275,12 @@ def clip_resnet(**overrides):
     return CLIPResNet(**kwargs)
 
 
+def tiny_resnet(seed: int = 0, **overrides):
+    """clip_resnet(**overrides) in eval mode with seeded weights and non-trivial BatchNorm values."""
+    torch.manual_seed(seed)
+    return randomize_batchnorm(clip_resnet(**overrides), seed).eval()
+
+
 def text_encoder(class_names, **overrides):
     """A ContextTextEncoder built directly: tiny by default (width 32, one layer, 4 contexts)."""
     from denseclip.modeling import ContextTextEncoder
@@ -378,3 +394,8 @@ def context_decoder_parameters(visual_dim, width, layers):
     text = norm(visual_dim) + linear(visual_dim, width)
     out = norm(width) + linear(width, visual_dim)
     return memory + text + layers * layer + out
+
+
+def score_map_parameters(embed_dim, width=256, layers=3, contexts=8, text_width=512) -> int:
+    """The trained score-map parts: context decoder, gamma (embed_dim) and the learnable contexts."""
+    return context_decoder_parameters(embed_dim, width, layers) + embed_dim + contexts * text_width

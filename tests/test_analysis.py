@@ -26,7 +26,7 @@ TINY_MASK_RCNN = os.path.join(REPO, "configs/Shapes-InstanceSegmentation/mask_rc
 TEXT_ENCODER = "backbone.score_map.text_encoder"
 
 
-def count(module, inputs) -> FlopReport:
+def flops_of(module, inputs) -> FlopReport:
     with torch.no_grad():
         return FlopReport().add(FlopCountAnalysis(module, inputs))
 
@@ -115,7 +115,7 @@ def test_multi_head_attention_closed_form(batch_first, cross, op):
     shape = (lambda n: (batch, n, dim)) if batch_first else (lambda n: (n, batch, dim))
     query = torch.randn(shape(length))
     inputs = (query, torch.randn(shape(source))) if cross else (query,)
-    flops = count(module, inputs)
+    flops = flops_of(module, inputs)
     expected = batch * (
         length * dim * dim  # q projection
         + 2 * source * dim * dim  # k, v projections
@@ -133,7 +133,7 @@ class _Baddbmm(nn.Module):
 
 
 def test_baddbmm_closed_form():
-    flops = count(_Baddbmm(), (torch.randn(3, 4, 6), torch.randn(3, 4, 5), torch.randn(3, 5, 6)))
+    flops = flops_of(_Baddbmm(), (torch.randn(3, 4, 6), torch.randn(3, 4, 5), torch.randn(3, 5, 6)))
     assert flops.total == 3 * 4 * 5 * 6
 
 
@@ -149,7 +149,7 @@ class _DensePool(nn.Module):
 def test_dense_attention_pool_closed_form():
     batch, channels, height, width, out_dim = 2, 32, 3, 4, 24
     pool = AttentionPool2d(spacial_dim=4, embed_dim=channels, num_heads=4, output_dim=out_dim).eval()
-    flops = count(_DensePool(pool), (torch.randn(batch, channels, height, width),))
+    flops = flops_of(_DensePool(pool), (torch.randn(batch, channels, height, width),))
     tokens = height * width + 1  # the mean token, then every location
     expected = batch * (
         height * width * channels  # the mean token (a reduction: one add per element)

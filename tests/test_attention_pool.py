@@ -5,12 +5,7 @@ import torch
 
 from denseclip.modeling.backbone import dense_attention_pool, resize_positional_grid
 
-from helpers import any_backbone_cfg, clip_resnet
-
-
-def tiny_resnet(**kwargs):
-    torch.manual_seed(0)
-    return clip_resnet(**kwargs).eval()
+from helpers import any_backbone_cfg, tiny_resnet
 
 
 def direct_attention_pool(pool, res5, grid):

@@ -5,19 +5,7 @@ from detectron2.layers import FrozenBatchNorm2d
 
 from denseclip.modeling.backbone import dense_attention_pool
 
-from helpers import clip_resnet, tiny_detector_cfg
-
-
-def tiny_resnet(**kwargs):
-    torch.manual_seed(0)
-    model = clip_resnet(**kwargs).eval()
-    with torch.no_grad():  # non-trivial BN statistics
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-    return model
+from helpers import clip_resnet, count_parameters, tiny_detector_cfg, tiny_resnet
 
 
 def test_output_shape_matches_features():
@@ -62,10 +50,6 @@ def test_without_attention_pool():
         model.forward_with_embeddings(torch.randn(1, 3, 64, 64))
 
 
-def count(module):
-    return sum(p.numel() for p in module.parameters())
-
-
 @pytest.mark.parametrize(
     "layers, embed_dim, trunk_millions",
     [([3, 4, 6, 3], 1024, 23.5), ([3, 4, 23, 3], 512, 42.5)],
@@ -75,8 +59,8 @@ def test_full_size_shapes_and_parameter_counts(layers, embed_dim, trunk_millions
     model = clip_resnet(layers=layers, width=64, embed_dim=embed_dim, input_resolution=1344)
     grid = model.attnpool.positional_embedding
     assert grid.shape == (42 * 42 + 1, 2048)
-    trunk = count(model) - count(model.attnpool)
-    pool_without_grid = count(model.attnpool) - grid.numel()
+    trunk = count_parameters(model) - count_parameters(model.attnpool)
+    pool_without_grid = count_parameters(model.attnpool) - grid.numel()
     assert trunk / 1e6 == pytest.approx(trunk_millions, rel=0.01)
     # q, k, v: 2048 x 2048 (+ bias); c_proj: 2048 x embed_dim (+ bias)
     assert pool_without_grid == 3 * (2048 * 2048 + 2048) + 2048 * embed_dim + embed_dim

@@ -52,11 +52,10 @@ def test_global_embedding_matches_open_clip_encode_image(open_clip_rn50, loaded_
     assert (global_embedding - expected).abs().max().item() <= 1e-4 * scale
 
 
-def test_text_encoder_loaded_and_frozen(open_clip_rn50, loaded_rn50):
+def test_text_encoder_loaded(open_clip_rn50, loaded_rn50):
     text = loaded_rn50["state_dict"].score_map.text_encoder
     assert torch.equal(text.token_embedding.weight, open_clip_rn50.token_embedding.weight)
     assert torch.equal(text.positional_embedding, open_clip_rn50.positional_embedding[:13])
-    assert [n for n, p in text.named_parameters() if p.requires_grad] == ["contexts"]
 
 
 def test_positional_grid_interpolated_to_configured_resolution(open_clip_rn50, rn50_checkpoints, caplog):

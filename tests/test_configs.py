@@ -9,7 +9,7 @@ from detectron2.modeling import build_model
 
 from denseclip import add_denseclip_config
 
-from helpers import assert_detects_on_random_image, context_decoder_parameters, conv, inference_parameters
+from helpers import assert_detects_on_random_image, conv, inference_parameters, score_map_parameters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,7 +102,7 @@ def imagenet_config_parameters(kind: str, classes: int = 80, embed: int = 1024) 
     """R-50, a new attention pool on res5 (42 x 42 grid + 1, q/k/v/out projections), the score-map parts
     (context decoder, gamma, 8 contexts of width 512), FPN on res5 + K score maps, and the heads."""
     pool = (42 * 42 + 1) * 2048 + 3 * conv(2048, 2048, 1) + conv(2048, embed, 1)
-    score_map = context_decoder_parameters(embed, 256, 3) + embed + 8 * 512
+    score_map = score_map_parameters(embed)
     total = detectron2_r50_parameters() + pool + score_map
     if kind == "retinanet":
         total += sum(conv(c, 256, 1) + conv(256, 256, 3) for c in (512, 1024, 2048 + classes))

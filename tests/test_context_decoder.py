@@ -6,16 +6,12 @@ import torch.nn.functional as F
 
 from denseclip.modeling import ContextDecoder, PixelTextScoreMap
 
-from helpers import context_decoder_parameters, text_encoder
-
-
-def count(module):
-    return sum(p.numel() for p in module.parameters())
+from helpers import context_decoder_parameters, count_parameters, text_encoder
 
 
 def test_release_shapes_names_and_parameter_count():
     decoder = ContextDecoder(visual_dim=1024, width=256, heads=4, layers=3, dropout=0.1)
-    assert count(decoder) == context_decoder_parameters(1024, 256, 3)
+    assert count_parameters(decoder) == context_decoder_parameters(1024, 256, 3)
     names = [n for n, _ in decoder.named_parameters()]
     assert not [n for n in names if n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))]
     assert {n.split(".", 2)[2] for n in names if n.startswith("layers.0.")} == {

@@ -112,8 +112,6 @@ def test_score_maps_for_any_vocabulary():
     with torch.no_grad():
         (reordered,) = model(inputs)
     torch.testing.assert_close(reordered["score_maps"], own["score_maps"][[2, 0, 1]])
-    with pytest.raises(ValueError, match=r"'a much too long teapot lid'.*PROMPT_LENGTH"):
-        model.vocabulary = ["cat", "a much too long teapot lid"]
 
 
 @pytest.mark.parametrize("kind", ["retinanet", "mask_rcnn"])

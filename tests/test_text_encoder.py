@@ -9,7 +9,7 @@ from detectron2.layers import ShapeSpec
 from denseclip.checkpoint import DenseCLIPCheckpointer, as_clip_state_dict, load_clip_weights
 from denseclip.modeling import ContextTextEncoder, build_clip_fpn_backbone, tokenize_class_names
 
-from helpers import clip_resnet, text_encoder, tiny_cfg
+from helpers import clip_resnet, relative_error, text_encoder, tiny_cfg
 
 NAMES = ["person", "traffic light", "hair drier", "dog"]
 
@@ -39,11 +39,6 @@ def test_name_too_long_for_prompt_is_a_clear_error():
 
 
 OPENAI_TEXT = {"RN50-quickgelu": 1024, "RN101-quickgelu": 512}  # embedding size of each
-
-
-def relative_error(actual, expected) -> float:
-    """Largest difference over largest value."""
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 @pytest.mark.slow

@@ -52,19 +52,11 @@ def test_own_dataset_class_names_come_from_the_json(coco_dataset):
     assert model.backbone.class_names == ["apple", "bottle", "cup"]
 
 
-def test_own_dataset_class_count_mismatch(coco_dataset):
+def test_own_dataset_class_count_mismatch_for_the_clip_baseline(coco_dataset):
+    """The CLIP baseline has no prompts to compare with its head: the trainer compares the dataset's classes."""
     cfg = load_cfg(TINY_SHAPES_CONFIGS["mask_rcnn"], dataset_opts(*coco_dataset))  # 5 classes
-    with pytest.raises(ValueError, match=r"3 classes \(apple, bottle, cup\).* 5 \(MODEL.ROI_HEADS.NUM_CLASSES\)"):
-        DenseCLIPTrainer.build_model(cfg)
-    cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"  # the CLIP baseline: no prompts, the dataset is checked
+    cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
     with pytest.raises(ValueError, match=r"has 3 classes but MODEL.ROI_HEADS.NUM_CLASSES is 5.*NUM_CLASSES 3"):
-        DenseCLIPTrainer.build_model(cfg)
-
-
-def test_own_dataset_class_name_too_long(tmp_path):
-    json_file, image_dir = write_coco_dataset(str(tmp_path), class_names=("apple", "extraordinarily long teapot lid", "cup"))
-    cfg = load_cfg(TINY_SHAPES_CONFIGS["mask_rcnn"], dataset_opts(json_file, image_dir) + ["MODEL.ROI_HEADS.NUM_CLASSES", "3"])
-    with pytest.raises(ValueError, match=r"'extraordinarily long teapot lid'.*PROMPT_LENGTH"):
         DenseCLIPTrainer.build_model(cfg)
 
 
