@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from predictor import VisualizationDemo  # noqa: E402
 
 from denseclip import get_denseclip_cfg, register_coco_format_datasets  # noqa: E402
+from denseclip.data import parse_vocabulary  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -172,7 +173,7 @@ def main(argv=None):
     cfg = get_denseclip_cfg(args.config_file, args.opts)
     register_coco_format_datasets(cfg)
     cfg.freeze()
-    vocabulary = [name.strip() for name in args.vocabulary.split(",") if name.strip()] if args.vocabulary else None
+    vocabulary = None if args.vocabulary is None else parse_vocabulary(args.vocabulary)
     demo = VisualizationDemo(cfg, args.confidence_threshold, args.score_maps, vocabulary)
     if args.input:
         run_on_images(demo, expand_inputs(args.input), args.output)

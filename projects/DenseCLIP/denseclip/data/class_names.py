@@ -1,9 +1,9 @@
 """The class names a DenseCLIP model prompts its text encoder with."""
-from typing import List
+from typing import List, Sequence, Union
 
 from detectron2.data import MetadataCatalog
 
-__all__ = ["resolve_class_names"]
+__all__ = ["parse_vocabulary", "resolve_class_names"]
 
 
 def resolve_class_names(cfg) -> List[str]:
@@ -24,3 +24,29 @@ def resolve_class_names(cfg) -> List[str]:
             f"building the model, or list the names in MODEL.DENSECLIP.CLASS_NAMES"
         )
     return list(classes)
+
+
+def parse_vocabulary(names: Union[str, Sequence[str]]) -> List[str]:
+    """
+    The names of a vocabulary (names to compute score maps of), given as a list of names or as one
+    string of comma-separated names (demo.py's --vocabulary), each stripped of surrounding spaces.
+
+    Raises:
+        ValueError for an empty vocabulary or an empty name; TypeError for a name that is not a string.
+    """
+    if isinstance(names, str):
+        names = names.split(",")
+    names = list(names)
+    not_strings = [name for name in names if not isinstance(name, str)]
+    if not_strings:
+        raise TypeError(f"Vocabulary names must be strings, got {not_strings!r}")
+    stripped = [name.strip() for name in names]
+    if not stripped:
+        raise ValueError("The vocabulary is empty: give at least one name (or none at all for the detector's classes)")
+    empty = [str(position) for position, name in enumerate(stripped, 1) if not name]
+    if empty:
+        raise ValueError(
+            f"The vocabulary {names!r} has an empty name (position {', '.join(empty)}): give each name "
+            f"between commas, or drop the empty ones"
+        )
+    return stripped

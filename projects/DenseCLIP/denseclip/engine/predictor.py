@@ -1,5 +1,5 @@
 """Single-image inference that can also return DenseCLIP's pixel-text score maps, for any names."""
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import detectron2.data.transforms as T
 from detectron2.data import MetadataCatalog
@@ -20,10 +20,13 @@ class DenseCLIPPredictor(DefaultPredictor):
     With ``score_maps`` (DenseCLIP models only) the output also holds "score_maps", K x H x W
     score-map logits on the image, for :attr:`score_map_names`: the detector's classes, or
     ``vocabulary``, any names the learned prompts and context decoder can score (the detections
-    keep the detector's own classes).
+    keep the detector's own classes). A vocabulary is a list of names or one string of comma-separated
+    names, split as demo.py's --vocabulary (:func:`denseclip.data.parse_vocabulary`).
     """
 
-    def __init__(self, cfg, score_maps: bool = False, vocabulary: Optional[Sequence[str]] = None):
+    def __init__(
+        self, cfg, score_maps: bool = False, vocabulary: Optional[Union[str, Sequence[str]]] = None
+    ):
         # DefaultPredictor.__init__ with DenseCLIP's checkpointer (clear errors, CLIP files).
         self.cfg = cfg.clone()
         self.model = build_model(self.cfg).eval()

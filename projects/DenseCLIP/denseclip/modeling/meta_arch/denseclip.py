@@ -1,5 +1,5 @@
 """What DenseCLIP adds to a Detectron2 detector, shared by its RetinaNet and R-CNN."""
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -8,6 +8,7 @@ from detectron2.config import configurable
 from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_postprocess
 from detectron2.structures import ImageList, Instances
 
+from ...data.class_names import parse_vocabulary
 from ..backbone.language_guided import LanguageGuidedBackbone
 from ..score_map_loss import ScoreMapLoss
 from ..text_encoder import tokenize_class_names
@@ -66,9 +67,10 @@ class DenseCLIPDetector:
         return self._vocabulary
 
     @vocabulary.setter
-    def vocabulary(self, names: Optional[Sequence[str]]):
+    def vocabulary(self, names: Optional[Union[str, Sequence[str]]]):
+        """A list of names, or one string of comma-separated names (see :func:`parse_vocabulary`)."""
         if names is not None:
-            names = [str(name).strip() for name in names]
+            names = parse_vocabulary(names)
             text_encoder = self.backbone.score_map.text_encoder
             tokenize_class_names(names, text_encoder.prompt_length)  # a clear error now, not at inference
         self._vocabulary = names

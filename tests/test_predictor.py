@@ -1,0 +1,50 @@
+"""DenseCLIPPredictor's inputs: vocabularies, and the device it is configured for."""
+import pytest
+
+from denseclip.data import parse_vocabulary
+from denseclip.engine import DenseCLIPPredictor
+
+from helpers import tiny_detector_cfg
+
+# (as given, the names): a list is taken as it is, a string is split at commas; spaces around names go.
+VOCABULARIES = [
+    (["cat", "dog"], ["cat", "dog"]),
+    (["traffic cone", " dog "], ["traffic cone", "dog"]),
+    ("cat,dog", ["cat", "dog"]),
+    ("cat, dog,traffic cone", ["cat", "dog", "traffic cone"]),
+    ("teapot", ["teapot"]),
+    (("a, b",), ["a, b"]),  # a list's names keep their commas
+]
+
+
+@pytest.mark.parametrize("given,names", VOCABULARIES)
+def test_parse_vocabulary(given, names):
+    assert parse_vocabulary(given) == names
+
+
+@pytest.mark.parametrize("given", [[""], ["cat", "  "], "cat,,dog", "cat,", "", []])
+def test_empty_vocabulary_or_name_is_refused(given):
+    with pytest.raises(ValueError, match="empty"):
+        parse_vocabulary(given)
+
+
+def test_names_must_be_strings():
+    with pytest.raises(TypeError, match="strings"):
+        parse_vocabulary(["cat", 3])
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return tiny_detector_cfg("mask_rcnn")
+
+
+def test_predictor_splits_a_vocabulary_string_as_the_demo_does(cfg):
+    """Not one map per character: the string is split at commas, like demo.py's --vocabulary."""
+    predictor = DenseCLIPPredictor(cfg, vocabulary="cat, dog,traffic cone")
+    assert predictor.score_map_names == ["cat", "dog", "traffic cone"]
+
+
+@pytest.mark.parametrize("vocabulary", [[""], "cat,,dog", []])
+def test_predictor_refuses_empty_names(cfg, vocabulary):
+    with pytest.raises(ValueError, match="empty"):
+        DenseCLIPPredictor(cfg, vocabulary=vocabulary)
