@@ -5,13 +5,11 @@ Train and evaluate DenseCLIP (and its CLIP baselines) with Detectron2.
     python train_net.py --config-file configs/COCO-Detection/retinanet_denseclip_R_50_FPN_1x.yaml --num-gpus 8
     python train_net.py --config-file <config> --eval-only MODEL.WEIGHTS output/model_final.pth
 """
-import torch
-
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from denseclip import DenseCLIPCheckpointer, get_denseclip_cfg, register_coco_format_datasets
+from denseclip import DenseCLIPCheckpointer, check_device, get_denseclip_cfg, register_coco_format_datasets
 from denseclip.engine import DenseCLIPTrainer
 
 
@@ -19,8 +17,10 @@ def setup(args):
     cfg = get_denseclip_cfg(args.config_file, args.opts)
     register_coco_format_datasets(cfg)  # DATASETS.COCO_FORMAT.*: own data without code
     cfg.freeze()
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"MODEL.DEVICE is {cfg.MODEL.DEVICE} but no GPU is available: add MODEL.DEVICE cpu")
+    try:
+        check_device(cfg)
+    except ValueError as e:
+        raise SystemExit(str(e))  # the message alone, no traceback: it says what to add
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="denseclip")
     return cfg

@@ -1,4 +1,5 @@
 """Small models, configs, data and runners that keep the test suite fast on a CPU."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -159,6 +160,15 @@ def run_script(args, cwd=None, env=None, timeout=600):
         [sys.executable, *args], cwd=cwd or REPO, env=full_env, timeout=timeout,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+
+
+def load_script(path):
+    """A repository script (demo/demo.py, train_net.py, ...) imported as a module, to call its functions."""
+    name = os.path.splitext(os.path.basename(path))[0] + "_script"
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_coco_dataset(folder, class_names=("apple", "bottle", "cup"), num_images=6, size=96, seed=0):

@@ -1,27 +1,19 @@
 """demo/demo.py on a video and what it prints, with the quick-start config's untrained model (no weights)."""
 import glob
-import importlib.util
 import os
 
 import cv2
 import numpy as np
 import pytest
 
-from helpers import REPO, TINY_SHAPES_CONFIGS
+from helpers import REPO, TINY_SHAPES_CONFIGS, load_script
 
 CONFIG = os.path.join(REPO, TINY_SHAPES_CONFIGS["mask_rcnn"])
 
 
-def load_demo():
-    spec = importlib.util.spec_from_file_location("denseclip_demo", os.path.join(REPO, "demo", "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def demo():
-    return load_demo()
+    return load_script("demo/demo.py")
 
 
 @pytest.fixture(scope="module")

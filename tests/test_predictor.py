@@ -1,10 +1,15 @@
 """DenseCLIPPredictor's inputs: vocabularies, and the device it is configured for."""
+import os
+
 import pytest
+import torch
+
+from detectron2.engine import default_argument_parser
 
 from denseclip.data import parse_vocabulary
 from denseclip.engine import DenseCLIPPredictor
 
-from helpers import tiny_detector_cfg
+from helpers import REPO, TINY_SHAPES_CONFIGS, load_script, tiny_detector_cfg
 
 # (as given, the names): a list is taken as it is, a string is split at commas; spaces around names go.
 VOCABULARIES = [
@@ -48,3 +53,24 @@ def test_predictor_splits_a_vocabulary_string_as_the_demo_does(cfg):
 def test_predictor_refuses_empty_names(cfg, vocabulary):
     with pytest.raises(ValueError, match="empty"):
         DenseCLIPPredictor(cfg, vocabulary=vocabulary)
+
+
+CUDA_ADVICE = "MODEL.DEVICE is cuda but no GPU is available: add MODEL.DEVICE cpu"
+
+
+def test_cuda_device_without_gpu_gets_the_same_advice_everywhere(monkeypatch):
+    """The predictor (so the README's snippet), demo.py and train_net.py say the same, before building
+    anything; PyTorch alone would say 'Found no NVIDIA driver'."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = tiny_detector_cfg("mask_rcnn")
+    cfg.MODEL.DEVICE = "cuda"
+    with pytest.raises(ValueError, match=CUDA_ADVICE):
+        DenseCLIPPredictor(cfg)
+    config = os.path.join(REPO, TINY_SHAPES_CONFIGS["mask_rcnn"])
+    demo = load_script("demo/demo.py")
+    with pytest.raises(ValueError, match=CUDA_ADVICE):
+        demo.main(["--config-file", config, "--input", "unused.png", "--opts", "MODEL.DEVICE", "cuda"])
+    train_net = load_script("train_net.py")
+    args = default_argument_parser().parse_args(["--config-file", config, "MODEL.DEVICE", "cuda"])
+    with pytest.raises(SystemExit, match=CUDA_ADVICE):
+        train_net.setup(args)

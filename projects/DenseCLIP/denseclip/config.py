@@ -1,6 +1,8 @@
 """Config keys added by DenseCLIP. Every key has a default and a one-line comment."""
 from typing import Sequence
 
+import torch
+
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
@@ -144,3 +146,10 @@ def get_denseclip_cfg(config_file: str = "", opts: Sequence[str] = ()) -> CN:
         cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
     return cfg
+
+
+def check_device(cfg) -> None:
+    """Refuse a CUDA MODEL.DEVICE on a machine where PyTorch finds no GPU, with the fix, before
+    anything is built (PyTorch's own error names the driver, not the config key)."""
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"MODEL.DEVICE is {cfg.MODEL.DEVICE} but no GPU is available: add MODEL.DEVICE cpu")

@@ -7,6 +7,7 @@ from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
 from ..checkpoint import DenseCLIPCheckpointer
+from ..config import check_device
 from ..modeling import DenseCLIPDetector
 
 __all__ = ["DenseCLIPPredictor"]
@@ -28,6 +29,7 @@ class DenseCLIPPredictor(DefaultPredictor):
         self, cfg, score_maps: bool = False, vocabulary: Optional[Union[str, Sequence[str]]] = None
     ):
         # DefaultPredictor.__init__ with DenseCLIP's checkpointer (clear errors, CLIP files).
+        check_device(cfg)
         self.cfg = cfg.clone()
         self.model = build_model(self.cfg).eval()
         if len(cfg.DATASETS.TEST):
