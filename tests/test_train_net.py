@@ -60,6 +60,20 @@ def test_own_dataset_class_count_mismatch_for_the_clip_baseline(coco_dataset):
         DenseCLIPTrainer.build_model(cfg)
 
 
+def test_own_training_set_with_the_config_test_set_names_datasets_test(coco_dataset):
+    """Only TRAIN_JSON set: the shapes config's DATASETS.TEST (5 classes) stays; that is the cause to name,
+    not the head's class count."""
+    json_file, images = coco_dataset  # 3 classes
+    opts = ["DATASETS.COCO_FORMAT.TRAIN_JSON", json_file, "DATASETS.COCO_FORMAT.TRAIN_IMAGES", images,
+            "MODEL.ROI_HEADS.NUM_CLASSES", "3"]
+    cfg = load_cfg(TINY_SHAPES_CONFIGS["mask_rcnn"], opts)
+    with pytest.raises(ValueError) as error:
+        DenseCLIPTrainer.build_model(cfg)
+    message = str(error.value)
+    assert "DATASETS.TEST 'shapes_val' has 5 classes but DATASETS.TRAIN 'coco_format_train' has 3" in message
+    assert "TEST_JSON" in message and "NUM_CLASSES" not in message
+
+
 def test_own_dataset_missing_files_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="TRAIN_JSON: no such file"):
         load_cfg(TINY_SHAPES_CONFIGS["mask_rcnn"], dataset_opts(str(tmp_path / "nope.json"), str(tmp_path)))

@@ -32,8 +32,23 @@ def head_num_classes(model: torch.nn.Module) -> Tuple[int, str]:
 
 
 def check_class_count(cfg, model: torch.nn.Module) -> None:
-    """Every configured dataset must have as many classes as the detector head."""
+    """Test datasets must have as many classes as the training datasets, and every configured dataset
+    as many as the detector head."""
     expected, key = head_num_classes(model)
+    counts = {}
+    for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
+        classes = MetadataCatalog.get(name).get("thing_classes", None)
+        if classes is not None:
+            counts[name] = len(classes)
+    train = [name for name in cfg.DATASETS.TRAIN if name in counts]
+    for name in cfg.DATASETS.TEST:
+        if train and name in counts and counts[name] != counts[train[0]]:
+            raise ValueError(
+                f"DATASETS.TEST {name!r} has {counts[name]} classes but DATASETS.TRAIN {train[0]!r} has "
+                f"{counts[train[0]]}: a model is evaluated on the classes it is trained on. For your own data "
+                f"set both DATASETS.COCO_FORMAT.TRAIN_JSON / TRAIN_IMAGES and TEST_JSON / TEST_IMAGES (each "
+                f"pair replaces only its own split), or DATASETS.TEST \"()\" to train without evaluating."
+            )
     for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
         classes = MetadataCatalog.get(name).get("thing_classes", None)
         if classes is not None and len(classes) != expected:
