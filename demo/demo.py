@@ -82,7 +82,12 @@ def run_on_images(demo, paths, output):
             raise ValueError(f"Cannot read {path} as an image: {e}") from e
         start = time.perf_counter()
         predictions, overlay, panel = demo.run_on_image(image)
-        print(f"{path}: {len(predictions['instances'])} instances in {time.perf_counter() - start:.2f}s")
+        instances = predictions["instances"]
+        drawn = int((instances.scores >= demo.confidence_threshold).sum())
+        print(
+            f"{path}: {drawn} of {len(instances)} instances drawn (score >= {demo.confidence_threshold}) "
+            f"in {time.perf_counter() - start:.2f}s"
+        )
         if output:
             cv2.imwrite(output_path(output, path, "", len(paths) == 1), overlay)
             if panel is not None:

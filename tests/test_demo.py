@@ -1,10 +1,16 @@
-"""demo/demo.py on a video and what it prints, with the quick-start config's untrained model (no weights)."""
+"""demo/demo.py on a video, and what it prints, with the quick-start config's untrained model (no weights)."""
 import glob
 import os
 
 import cv2
 import numpy as np
 import pytest
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+
+from denseclip import get_denseclip_cfg
+from denseclip.engine import DenseCLIPPredictor
 
 from helpers import REPO, TINY_SHAPES_CONFIGS, load_script
 
@@ -62,3 +68,20 @@ def test_unreadable_video_is_an_error(demo, tmp_path):
     with pytest.raises(ValueError, match="broken.mp4"):
         run_demo(demo, "--video-input", str(path), "--output", str(tmp_path / "out.mp4"))
     assert not os.path.exists(tmp_path / "out.mp4")
+
+
+def test_demo_prints_how_many_instances_it_draws(demo, tmp_path, capsys):
+    """The count printed is that of the instances drawn (score above the threshold), beside the total."""
+    model = build_model(get_denseclip_cfg(CONFIG))
+    DetectionCheckpointer(model, str(tmp_path)).save("random")
+    weights, image_path = str(tmp_path / "random.pth"), str(tmp_path / "image.png")
+    image = np.full((128, 128, 3), 30, np.uint8)
+    image[30:90, 40:100] = (40, 200, 220)
+    cv2.imwrite(image_path, image)
+    predictor = DenseCLIPPredictor(get_denseclip_cfg(CONFIG, ["MODEL.WEIGHTS", weights]))
+    scores = predictor(image)["instances"].scores.sort(descending=True).values
+    assert len(scores) >= 3
+    threshold = float(scores[1] + scores[2]) / 2  # between the second and third best: two drawn
+    demo.main(["--config-file", CONFIG, "--input", image_path, "--output", str(tmp_path / "out.png"),
+               "--confidence-threshold", str(threshold), "--opts", "MODEL.WEIGHTS", weights])
+    assert f"{image_path}: 2 of {len(scores)} instances drawn (score >= {threshold})" in capsys.readouterr().out
