@@ -326,6 +326,15 @@ def test_bad_files_are_refused_by_name(content, message, tmp_path):
         DenseCLIPCheckpointer(model).load(str(path))
 
 
+def test_detectron2_checkpoint_given_to_the_converter_is_named_as_such(tmp_path):
+    """A checkpoint as training saves it (model, iteration, trainer) needs no conversion: say so."""
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": {"w": torch.zeros(2)}, "iteration": 659, "trainer": {}}, path)
+    message = rf"{path} is already a Detectron2 checkpoint \(keys \['iteration', 'model', 'trainer'\].*MODEL.WEIGHTS {path}"
+    with pytest.raises(ValueError, match=message):
+        read_release_checkpoint(str(path))
+
+
 def test_unconverted_release_checkpoint_as_model_weights_is_refused(tmp_path):
     cfg = tiny("retinanet")
     path = tmp_path / "release.pth"

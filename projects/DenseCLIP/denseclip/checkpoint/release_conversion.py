@@ -64,6 +64,11 @@ class ReleaseLayout:
 def read_release_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], dict]:
     """(state_dict, meta) of a release checkpoint file; a clear error for anything else."""
     obj = read_checkpoint_file(path)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "state_dict" not in obj:
+        raise ValueError(
+            f"{path} is already a Detectron2 checkpoint (keys {sorted(obj)[:8]}: written by train_net.py, "
+            f"the quick start or this converter); nothing to convert. Use it as it is: MODEL.WEIGHTS {path}"
+        )
     if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
         found = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(
