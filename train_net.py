@@ -9,13 +9,13 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from denseclip import DenseCLIPCheckpointer, check_device, get_denseclip_cfg, register_coco_format_datasets
+from denseclip import DenseCLIPCheckpointer, check_device, get_denseclip_cfg, register_datasets_from_config
 from denseclip.engine import DenseCLIPTrainer
 
 
 def setup(args):
     cfg = get_denseclip_cfg(args.config_file, args.opts)
-    register_coco_format_datasets(cfg)  # DATASETS.COCO_FORMAT.*: own data without code
+    register_datasets_from_config(cfg)  # DATASETS.COCO_FORMAT.*, DATASETS.SEM_SEG_FOLDERS.*: own data without code
     cfg.freeze()
     try:
         check_device(cfg)

@@ -25,7 +25,7 @@ from detectron2.utils.logger import setup_logger
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from predictor import VisualizationDemo  # noqa: E402
 
-from denseclip import get_denseclip_cfg, register_coco_format_datasets  # noqa: E402
+from denseclip import get_denseclip_cfg, register_datasets_from_config  # noqa: E402
 from denseclip.data import parse_vocabulary  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -176,7 +176,7 @@ def main(argv=None):
     setup_logger(name="denseclip")
     setup_logger()
     cfg = get_denseclip_cfg(args.config_file, args.opts)
-    register_coco_format_datasets(cfg)
+    register_datasets_from_config(cfg)
     cfg.freeze()
     vocabulary = None if args.vocabulary is None else parse_vocabulary(args.vocabulary)
     demo = VisualizationDemo(cfg, args.confidence_threshold, args.score_maps, vocabulary)

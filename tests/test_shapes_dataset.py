@@ -10,9 +10,10 @@ from pycocotools.coco import COCO
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
-from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import COCOEvaluator, SemSegEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances, PolygonMasks
 
+from denseclip.data import read_label_map
 from denseclip.data.datasets import shapes
 from denseclip.modeling import tokenize_class_names
 
@@ -39,11 +40,12 @@ def test_same_seed_gives_identical_files_and_another_seed_differs(dataset, tmp_p
     generate(tmp_path / "again")
     generate(tmp_path / "other", seed=1)
     reference = files(root)
-    assert len([p for p in reference if p.endswith(".png")]) == TINY["num_train"] + TINY["num_val"]
+    # an image and a label map per image
+    assert len([p for p in reference if p.endswith(".png")]) == 2 * (TINY["num_train"] + TINY["num_val"])
     assert files(tmp_path / "again") == reference
     other = files(tmp_path / "other")
     assert other.keys() == reference.keys()
-    for path in ("annotations/instances_train.json", "train/00000.png"):
+    for path in ("annotations/instances_train.json", "train/00000.png", "sem_seg/train/00000.png"):
         assert other[path] != reference[path]
 
 
@@ -80,9 +82,26 @@ def test_polygons_of_a_ring_keep_its_hole():
     assert PolygonMasks([polygons]).area().item() == pytest.approx(ring.sum(), rel=0.05)
 
 
+@pytest.mark.parametrize("split", shapes.SPLITS)
+def test_label_maps_match_the_coco_masks(dataset, split):
+    """Each label map holds, per pixel, the class of the annotation whose polygon covers it (the visible
+    parts do not overlap), and "background" elsewhere; no pixel is ignored."""
+    root, json_files = dataset
+    coco = COCO(json_files[split])
+    background = shapes.SEM_SEG_CLASSES.index("background")
+    for image in coco.loadImgs(coco.getImgIds()):
+        labels = cv2.imread(str(root / "sem_seg" / split / image["file_name"]), cv2.IMREAD_UNCHANGED)
+        expected = np.full((image["height"], image["width"]), background)
+        for annotation in coco.loadAnns(coco.getAnnIds(imgIds=image["id"])):
+            mask = coco.annToMask(annotation).astype(bool)
+            assert (expected[mask] == background).all()  # disjoint
+            expected[mask] = annotation["category_id"] - 1
+        assert labels.dtype == np.uint8 and np.array_equal(labels, expected)
+
+
 def test_class_names_are_single_clip_tokens():
     tokenizer = open_clip.tokenizer.SimpleTokenizer()
-    assert all(len(tokenizer.encode(name)) == 1 for name in shapes.SHAPE_CLASSES)
+    assert all(len(tokenizer.encode(name)) == 1 for name in shapes.SEM_SEG_CLASSES)
     tokens = tokenize_class_names(list(shapes.SHAPE_CLASSES), prompt_length=5)
     assert tokens.shape == (5, 5)
 
@@ -155,3 +174,40 @@ def test_command_line_reports_counts(tmp_path, capsys):
     assert str(tmp_path / "annotations" / "instances_val.json") in printed
     assert all(name in printed for name in shapes.SHAPE_CLASSES)
     assert (tmp_path / "done.json").exists() and len(list((tmp_path / "val").iterdir())) == 2
+
+
+def test_sem_seg_registration_generates_on_first_use_and_scores_full_miou(tmp_path):
+    """The label maps as a Detectron2 sem-seg dataset: generated on first use, sharing the detection
+    view's files; SemSegEvaluator on the ground truth as predictions gives 100 mIoU."""
+    root = tmp_path / "shapes"
+    names = shapes.register_shapes_sem_seg(str(root), seed=3, prefix="test_sem_seg", **TINY)
+    try:
+        assert names == ("test_sem_seg_train", "test_sem_seg_val")
+        assert "shapes_sem_seg_train" in DatasetCatalog.list() and "shapes_sem_seg_val" in DatasetCatalog.list()
+        assert not root.exists()
+        metadata = MetadataCatalog.get(names[1])
+        assert metadata.stuff_classes == ["circle", "square", "triangle", "star", "ring", "background"]
+        assert metadata.ignore_label == 255 and metadata.evaluator_type == "sem_seg"
+        assert len(metadata.stuff_colors) == 6
+
+        dicts = DatasetCatalog.get(names[1])
+        assert (root / "done.json").exists() and len(dicts) == TINY["num_val"]
+        assert [os.path.relpath(d["file_name"], root) for d in dicts[:2]] == ["val/00000.png", "val/00001.png"]
+        assert [os.path.relpath(d["sem_seg_file_name"], root) for d in dicts[:2]] == [
+            "sem_seg/val/00000.png", "sem_seg/val/00001.png"]
+        marker = os.stat(root / "done.json").st_mtime_ns
+        shapes.register_shapes(str(root), seed=3, prefix="test_sem_seg_coco", **TINY)
+        assert len(DatasetCatalog.get("test_sem_seg_coco_val")) == TINY["num_val"]
+        assert os.stat(root / "done.json").st_mtime_ns == marker  # the same files: not regenerated
+
+        evaluator = SemSegEvaluator(names[1], distributed=False, sem_seg_loading_fn=read_label_map)
+        evaluator.reset()
+        for record in dicts:
+            labels = torch.from_numpy(cv2.imread(record["sem_seg_file_name"], cv2.IMREAD_UNCHANGED).astype(np.int64))
+            logits = torch.nn.functional.one_hot(labels, 6).permute(2, 0, 1).float()
+            evaluator.process([record], [{"sem_seg": logits}])
+        assert evaluator.evaluate()["sem_seg"]["mIoU"] == pytest.approx(100.0)
+    finally:
+        for name in (*names, "test_sem_seg_coco_train", "test_sem_seg_coco_val"):
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)

@@ -21,7 +21,7 @@ from detectron2.data import build_detection_test_loader
 from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.utils.analysis import parameter_count_table
 
-from denseclip import get_denseclip_cfg, register_coco_format_datasets
+from denseclip import get_denseclip_cfg, register_datasets_from_config
 from denseclip.utils.analysis import NUM_BOX_PROPOSALS, NUM_MASK_BOXES, FlopReport, count_flops, parameter_split
 
 
@@ -39,7 +39,7 @@ def parse_args(argv=None):
 
 def flop_inputs(cfg, args):
     if args.num_inputs > 0:
-        register_coco_format_datasets(cfg)
+        register_datasets_from_config(cfg)
         return list(islice(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0]), args.num_inputs))
     height, width = args.input_size
     image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0)) * 255

@@ -21,7 +21,7 @@ from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from denseclip import get_denseclip_cfg, register_coco_format_datasets
+from denseclip import get_denseclip_cfg, register_datasets_from_config
 from denseclip.data.datasets.shapes import ensure_shapes_dataset
 from denseclip.engine import DenseCLIPPredictor, DenseCLIPTrainer
 from denseclip.evaluation import ScoreMapEvaluator
@@ -84,7 +84,7 @@ def write_pictures(cfg, num_pictures: int) -> str:
 
 def main(args) -> dict:
     cfg = get_denseclip_cfg(args.config_file, args.opts)
-    register_coco_format_datasets(cfg)
+    register_datasets_from_config(cfg)
     cfg.freeze()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     for name, abbrev in (("detectron2", "d2"), ("denseclip", "dc")):

@@ -124,6 +124,46 @@ def add_denseclip_config(cfg):
     cfg.DATASETS.COCO_FORMAT.TEST_IMAGES = ""
 
     # ---------------------------------------------------------------------------------------------
+    # Own semantic-segmentation data without code: per split a folder of images and a folder of label
+    # maps (single-channel PNGs of class indices, MODEL.SEM_SEG_HEAD.IGNORE_VALUE for pixels to
+    # ignore), matched by file name. When set, they are registered as "sem_seg_folders_train" /
+    # "sem_seg_folders_test" and replace DATASETS.TRAIN / DATASETS.TEST.
+    # ---------------------------------------------------------------------------------------------
+    cfg.DATASETS.SEM_SEG_FOLDERS = CN()
+    cfg.DATASETS.SEM_SEG_FOLDERS.TRAIN_IMAGES = ""
+    cfg.DATASETS.SEM_SEG_FOLDERS.TRAIN_LABELS = ""
+    cfg.DATASETS.SEM_SEG_FOLDERS.TEST_IMAGES = ""
+    cfg.DATASETS.SEM_SEG_FOLDERS.TEST_LABELS = ""
+    # Class names of the label values 0, 1, ..., in order; each is a text prompt (at most 3 BPE tokens).
+    cfg.DATASETS.SEM_SEG_FOLDERS.CLASS_NAMES = []
+
+    # ---------------------------------------------------------------------------------------------
+    # Semantic-segmentation input pipeline (SemSegDatasetMapper, used for SemanticSegmentor models):
+    # the release's training resize, crop, flip and photometric distortion. Testing resizes with
+    # INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST (the release: 512 / 2048).
+    # ---------------------------------------------------------------------------------------------
+    # Training resize (long, short): a ratio r is drawn from SCALE_RATIO_RANGE_TRAIN and the image is
+    # scaled, keeping its aspect ratio, to the largest size whose long side is at most r x SCALE_TRAIN[0]
+    # and short side at most r x SCALE_TRAIN[1].
+    cfg.INPUT.SCALE_TRAIN = (2048, 512)
+    cfg.INPUT.SCALE_RATIO_RANGE_TRAIN = (0.5, 2.0)
+    # A training crop (INPUT.CROP) is redrawn, up to 10 times, until no class covers this fraction or
+    # more of its pixels (IGNORE_VALUE pixels not counted); 1.0 takes any crop. Absolute crops are then
+    # padded to INPUT.CROP.SIZE (image with the pixel mean, labels with IGNORE_VALUE).
+    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
+    # Photometric distortion (MMSegmentation's PhotoMetricDistortion), each step with probability 0.5.
+    cfg.INPUT.PHOTOMETRIC_DISTORTION = CN()
+    cfg.INPUT.PHOTOMETRIC_DISTORTION.ENABLED = False
+    # Brightness: add a uniform value in [-delta, delta] to every channel.
+    cfg.INPUT.PHOTOMETRIC_DISTORTION.BRIGHTNESS_DELTA = 32
+    # Contrast: multiply every channel by a uniform value in this range.
+    cfg.INPUT.PHOTOMETRIC_DISTORTION.CONTRAST_RANGE = (0.5, 1.5)
+    # Saturation: multiply HSV's S by a uniform value in this range.
+    cfg.INPUT.PHOTOMETRIC_DISTORTION.SATURATION_RANGE = (0.5, 1.5)
+    # Hue: add an integer in [-delta, delta) to OpenCV's H (0-179, units of 2 degrees).
+    cfg.INPUT.PHOTOMETRIC_DISTORTION.HUE_DELTA = 18
+
+    # ---------------------------------------------------------------------------------------------
     # Solver additions (the release recipe).
     # ---------------------------------------------------------------------------------------------
     # "SGD" or "ADAMW".
@@ -138,7 +178,7 @@ def add_denseclip_config(cfg):
 def get_denseclip_cfg(config_file: str = "", opts: Sequence[str] = ()) -> CN:
     """
     Detectron2's default config with DenseCLIP's keys, merged from ``config_file`` and ``KEY VALUE``
-    overrides. Not frozen. (Tools that read data then call ``register_coco_format_datasets(cfg)``.)
+    overrides. Not frozen. (Tools that read data then call ``register_datasets_from_config(cfg)``.)
     """
     cfg = get_cfg()
     add_denseclip_config(cfg)

@@ -9,13 +9,13 @@ import torch
 
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator
 from detectron2.modeling import GeneralizedRCNN, RetinaNet
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import DenseCLIPCheckpointer
-from ..data import DenseCLIPDatasetMapper
+from ..data import DenseCLIPDatasetMapper, SemSegDatasetMapper, is_semantic_segmentation, read_label_map
 from ..evaluation import ScoreMapEvaluator
 from ..solver import build_optimizer
 
@@ -99,10 +99,17 @@ class DenseCLIPTrainer(DefaultTrainer):
         check_class_count(cfg, model)
         return model
 
+    @staticmethod
+    def build_mapper(cfg, is_train: bool):
+        """SemSegDatasetMapper (the release's segmentation pipeline) for semantic segmentors, else
+        DenseCLIPDatasetMapper (Detectron2's detection pipeline)."""
+        mapper = SemSegDatasetMapper if is_semantic_segmentation(cfg) else DenseCLIPDatasetMapper
+        return mapper(cfg, is_train=is_train)
+
     @classmethod
     def build_train_loader(cls, cfg):
         try:
-            return build_detection_train_loader(cfg, mapper=DenseCLIPDatasetMapper(cfg, is_train=True))
+            return build_detection_train_loader(cfg, mapper=cls.build_mapper(cfg, is_train=True))
         except AssertionError as e:  # Detectron2's "Dataset 'x' is empty!" / "No valid data found in x."
             raise ValueError(
                 f"{e} DATASETS.TRAIN {list(cfg.DATASETS.TRAIN)} has no usable images: training needs "
@@ -112,7 +119,7 @@ class DenseCLIPTrainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=DenseCLIPDatasetMapper(cfg, is_train=False))
+        return build_detection_test_loader(cfg, dataset_name, mapper=cls.build_mapper(cfg, is_train=False))
 
     def train(self):
         """Train; returns the last evaluation's results (DefaultTrainer only does with EXPECTED_RESULTS)."""
@@ -134,8 +141,11 @@ class DenseCLIPTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """COCO box (and mask) AP; with MODEL.DENSECLIP.RETURN_SCORE_MAPS also the score maps' IoU."""
+        """COCO box (and mask) AP, with MODEL.DENSECLIP.RETURN_SCORE_MAPS also the score maps' IoU; for
+        semantic segmentors mIoU (SemSegEvaluator)."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        if is_semantic_segmentation(cfg):
+            return SemSegEvaluator(dataset_name, output_dir=output_folder, sem_seg_loading_fn=read_label_map)
         tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
         evaluators = [COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)]
         if cfg.MODEL.DENSECLIP.RETURN_SCORE_MAPS:

@@ -1,4 +1,4 @@
-"""A generated COCO-format toy dataset of coloured shapes for detection and instance segmentation.
+"""A generated toy dataset of coloured shapes for detection, instance and semantic segmentation.
 
 Each image is ``image_size`` x ``image_size`` (PNG) and shows 1-4 filled shapes of the classes in
 ``SHAPE_CLASSES`` on a solid or linear-gradient background, sometimes with light noise. Objects
@@ -7,7 +7,10 @@ area visible); an annotation describes the visible part of its object: ``bbox`` 
 and ``area`` come from the visible mask, and ``segmentation`` is a list of polygons that
 rasterizes back to that mask. A ring's hole is joined to its outline by a zero-width slit, so
 every segmentation is a polygon and Detectron2's default ``INPUT.MASK_FORMAT="polygon"`` works.
-The same parameters and seed always give byte-identical files.
+Each image also has a semantic label map (PNG, one uint8 class index per pixel): the visible part
+of each object holds its class's index in ``SHAPE_CLASSES``, every other pixel ``BACKGROUND``, the
+index of the class "background" in ``SEM_SEG_CLASSES``. The same parameters and seed always give
+byte-identical files.
 
 Layout written by :func:`generate_shapes_dataset`::
 
@@ -15,11 +18,15 @@ Layout written by :func:`generate_shapes_dataset`::
     root/val/00000.png ...
     root/annotations/instances_train.json
     root/annotations/instances_val.json
+    root/sem_seg/train/00000.png ...   # label maps, same file names as the images
+    root/sem_seg/val/00000.png ...
     root/done.json      # the generation parameters, written last
 
-Importing this module registers "shapes_train" and "shapes_val" under
-``$DETECTRON2_DATASETS/shapes`` (default ``datasets/shapes``); :func:`register_shapes` registers
-other roots, sizes or names. Registering generates nothing: the first ``DatasetCatalog.get``
+Importing this module registers "shapes_train" and "shapes_val" (COCO format) and
+"shapes_sem_seg_train" and "shapes_sem_seg_val" (semantic segmentation, evaluated by
+``SemSegEvaluator``) under ``$DETECTRON2_DATASETS/shapes`` (default ``datasets/shapes``);
+:func:`register_shapes` and :func:`register_shapes_sem_seg` register other roots, sizes or names.
+Both views share the files. Registering generates nothing: the first ``DatasetCatalog.get``
 calls :func:`prepare_shapes`, which returns at once when ``done.json`` records the requested
 parameters and otherwise (re)generates the files under a file lock, so concurrent processes are
 safe. ``COCOEvaluator`` reads ``MetadataCatalog.get(name).json_file`` itself, so call
@@ -41,12 +48,23 @@ import numpy as np
 from iopath.common.file_io import file_lock
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import load_coco_json
+from detectron2.data.datasets import load_coco_json, load_sem_seg
 
 # Single CLIP BPE tokens, so each name fits a prompt of 5 positions.
 SHAPE_CLASSES = ("circle", "square", "triangle", "star", "ring")
+# The semantic-segmentation classes: the shapes (label = detection category index) and "background".
+# Background is a real class rather than ignored (unlike ADE20K's unannotated "other", which the
+# release ignores): here every background pixel is known, and telling shapes from the background is
+# half of the task. Ignoring it would leave the model free to paint the whole image with shape
+# classes, so its predicted label maps and "background"-free score maps would say little, and the
+# mIoU would only measure which shape a shape pixel is. "background" is one CLIP BPE token too.
+SEM_SEG_CLASSES = SHAPE_CLASSES + ("background",)
+BACKGROUND = len(SHAPE_CLASSES)
+SEM_SEG_COLORS = ((220, 20, 60), (0, 160, 60), (30, 90, 255), (250, 200, 0), (190, 60, 220), (90, 90, 90))  # RGB
+IGNORE_LABEL = 255  # in no generated label map; the value padding and Detectron2's sem-seg heads ignore
 SPLITS = ("train", "val")
-GENERATOR_VERSION = 1  # bump when the drawing changes, so that old datasets are regenerated
+# Bump when the files change, so that old datasets are regenerated (2: also the label maps).
+GENERATOR_VERSION = 2
 
 SIZE_RANGE = (0.12, 0.45)  # diameter of an object's circumscribed circle / image side
 STAR_INNER_RATIO = 0.45
@@ -212,11 +230,20 @@ def _annotation(mask: np.ndarray) -> dict:
 # ----------------------------------------------------------------------------- files
 
 
+def label_map(objects: list[tuple[int, np.ndarray]], size: int) -> np.ndarray:
+    """(size, size) uint8 semantic labels of :func:`render_image`'s objects (their visible masks)."""
+    labels = np.full((size, size), BACKGROUND, np.uint8)
+    for category, visible in objects:
+        labels[visible] = category
+    return labels
+
+
 def _generate_split(output_dir: str, split: str, num_images: int, image_size: int, seed: int,
                     min_objects: int, max_objects: int) -> dict:
-    """Writes ``output_dir/split/*.png``; returns the split's COCO dict."""
-    image_dir = os.path.join(output_dir, split)
+    """Writes ``output_dir/split/*.png`` and ``output_dir/sem_seg/split/*.png``; returns the split's COCO dict."""
+    image_dir, label_dir = os.path.join(output_dir, split), _label_dir(output_dir, split)
     os.makedirs(image_dir)
+    os.makedirs(label_dir)
     images, annotations = [], []
     for index in range(num_images):
         # One generator per image, so that each image depends only on (seed, split, index).
@@ -224,6 +251,7 @@ def _generate_split(output_dir: str, split: str, num_images: int, image_size: in
         image, objects = render_image(rng, image_size, min_objects, max_objects)
         file_name = f"{index:05d}.png"
         cv2.imwrite(os.path.join(image_dir, file_name), image)
+        cv2.imwrite(os.path.join(label_dir, file_name), label_map(objects, image_size))
         images.append({"id": index + 1, "file_name": file_name, "height": image_size, "width": image_size})
         for category, mask in objects:
             annotations.append(
@@ -251,13 +279,17 @@ def _json_file(root: str, split: str) -> str:
     return os.path.join(root, "annotations", f"instances_{split}.json")
 
 
+def _label_dir(root: str, split: str) -> str:
+    return os.path.join(root, "sem_seg", split)
+
+
 def generate_shapes_dataset(output_dir: str, num_train: int = 600, num_val: int = 100, image_size: int = 128,
                             seed: int = 0, min_objects: int = 1, max_objects: int = 4) -> dict[str, str]:
     """Writes the dataset under ``output_dir`` (replacing an earlier one); returns {split: json path}."""
     parameters = _parameters(num_train, num_val, image_size, seed, min_objects, max_objects)
     if os.path.exists(_marker(output_dir)):
         os.remove(_marker(output_dir))
-    for folder in (*SPLITS, "annotations"):
+    for folder in (*SPLITS, "annotations", "sem_seg"):
         shutil.rmtree(os.path.join(output_dir, folder), ignore_errors=True)
     os.makedirs(os.path.join(output_dir, "annotations"))
     json_files = {}
@@ -299,6 +331,12 @@ def _load_shapes(root: str, split: str, name: str, options: dict) -> list[dict]:
     return load_coco_json(_json_file(root, split), os.path.join(root, split), name)
 
 
+def _load_shapes_sem_seg(root: str, split: str, options: dict) -> list[dict]:
+    """Detectron2 sem-seg dicts (file_name, sem_seg_file_name) of one split, generating the files first if needed."""
+    prepare_shapes(root, **options)
+    return load_sem_seg(_label_dir(root, split), os.path.join(root, split), gt_ext="png", image_ext="png")
+
+
 def register_shapes(root: str | None = None, num_train: int = 600, num_val: int = 100, image_size: int = 128,
                     seed: int = 0, prefix: str = "shapes") -> tuple[str, str]:
     """Registers ``{prefix}_train`` and ``{prefix}_val`` without generating anything; returns their names."""
@@ -322,10 +360,36 @@ def register_shapes(root: str | None = None, num_train: int = 600, num_val: int 
     return tuple(names)
 
 
+def register_shapes_sem_seg(root: str | None = None, num_train: int = 600, num_val: int = 100,
+                            image_size: int = 128, seed: int = 0, prefix: str = "shapes_sem_seg") -> tuple[str, str]:
+    """Registers the label maps as ``{prefix}_train`` and ``{prefix}_val`` (Detectron2 sem-seg datasets
+    with stuff_classes = ``SEM_SEG_CLASSES``) without generating anything; returns their names. The
+    same arguments as :func:`register_shapes` share its files."""
+    root = root or default_root()
+    options = {"num_train": num_train, "num_val": num_val, "image_size": image_size, "seed": seed}
+    names = []
+    for split in SPLITS:
+        name = f"{prefix}_{split}"
+        DatasetCatalog.register(name, functools.partial(_load_shapes_sem_seg, root, split, options))
+        MetadataCatalog.get(name).set(
+            stuff_classes=list(SEM_SEG_CLASSES),
+            stuff_colors=[list(c) for c in SEM_SEG_COLORS],
+            ignore_label=IGNORE_LABEL,
+            evaluator_type="sem_seg",
+            image_root=os.path.join(root, split),
+            sem_seg_root=_label_dir(root, split),
+            shapes_root=root,
+            shapes_options=options,
+        )
+        names.append(name)
+    return tuple(names)
+
+
 def ensure_shapes_dataset(dataset_name: str) -> None:
     """Generates the files behind a dataset registered by :func:`register_shapes`, if missing.
 
-    Call it before building a ``COCOEvaluator`` for a dataset that has not been loaded yet.
+    Call it before building a ``COCOEvaluator`` for a dataset that has not been loaded yet (also
+    works for the datasets of :func:`register_shapes_sem_seg`).
     """
     metadata = MetadataCatalog.get(dataset_name)
     prepare_shapes(metadata.shapes_root, **metadata.shapes_options)
@@ -333,6 +397,7 @@ def ensure_shapes_dataset(dataset_name: str) -> None:
 
 if "shapes_train" not in DatasetCatalog.list():
     register_shapes()
+    register_shapes_sem_seg()
 
 
 # ----------------------------------------------------------------------------- command line
@@ -347,7 +412,8 @@ def _instance_counts(json_file: str) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="denseclip-shapes", description="Generate the COCO-format toy shapes dataset.")
+        prog="denseclip-shapes",
+        description="Generate the toy shapes dataset (COCO-format annotations and semantic label maps).")
     parser.add_argument("--output", default=default_root(), help="dataset root (default: %(default)s)")
     parser.add_argument("--num-train", type=int, default=600, help="training images (default: %(default)s)")
     parser.add_argument("--num-val", type=int, default=100, help="validation images (default: %(default)s)")
@@ -360,6 +426,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Generated in {time.perf_counter() - start:.1f} s under {os.path.abspath(args.output)}")
     for split, json_file in json_files.items():
         counts = _instance_counts(json_file)
-        print(f"{split}: images in {os.path.join(args.output, split)}, annotations in {json_file}")
+        print(f"{split}: images in {os.path.join(args.output, split)}, annotations in {json_file}, "
+              f"label maps in {_label_dir(args.output, split)}")
         print(f"  {sum(counts.values())} instances: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
 
