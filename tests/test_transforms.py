@@ -156,7 +156,10 @@ def test_category_area_crop_on_a_dominant_class():
     image = np.zeros((100, 100, 3), np.uint8)
 
     def pass_rate(max_area, trials=300):
-        augmentation = T.RandomCrop_CategoryAreaConstraint("absolute", (size, size), max_area, 255)
+        # the mapper's crop, as the config builds it (the ignore value from MODEL.SEM_SEG_HEAD.IGNORE_VALUE)
+        cfg = _mapper_cfg(**{"INPUT.CROP.SIZE": (size, size), "INPUT.CROP.SINGLE_CATEGORY_MAX_AREA": max_area})
+        (augmentation,) = [a for a in SemSegDatasetMapper(cfg, is_train=True).augmentations.augs
+                           if isinstance(a, T.RandomCrop_CategoryAreaConstraint)]
         np.random.seed(0)
         passed = 0
         for _ in range(trials):
