@@ -20,7 +20,7 @@ from denseclip import get_denseclip_cfg
 from denseclip.modeling.backbone import dense_attention_pool
 from denseclip.utils.analysis import IGNORED_OPS, FlopReport, count_flops, parameter_split
 
-from helpers import REPO, tiny_detector_cfg
+from helpers import REPO, load_script, tiny_detector_cfg
 
 TINY_MASK_RCNN = os.path.join(REPO, "configs/Shapes-InstanceSegmentation/mask_rcnn_denseclip_tiny_FPN.yaml")
 TEXT_ENCODER = "backbone.score_map.text_encoder"
@@ -181,6 +181,27 @@ def test_parameter_split(mask_rcnn):
     text = sum(p.numel() for n, p in mask_rcnn.named_parameters() if "text_encoder." in n and not n.endswith("contexts"))
     assert split["text_encoder"] == text > 0
     assert split["inference"] + split["text_encoder"] == sum(p.numel() for p in mask_rcnn.parameters())
+
+
+def test_analyze_model_table_and_summary_count_the_same(mask_rcnn, capsys):
+    """The parameter table's model row is everything; the summary says how that splits (inference + text
+    encoder), so the two add up."""
+    load_script("tools/analyze_model.py").main(["--config-file", TINY_MASK_RCNN, "--tasks", "parameter"])
+    printed = capsys.readouterr().out
+    total = sum(p.numel() for p in mask_rcnn.parameters()) / 1e6
+    text = sum(p.numel() for n, p in mask_rcnn.named_parameters() if n.startswith(TEXT_ENCODER) and "contexts" not in n) / 1e6
+    assert float(re.search(r"\| model +\| ([\d.]+)M", printed).group(1)) == round(total, 1)
+    summary = re.search(r"Parameters: ([\d.]+)M in all .* = ([\d.]+)M for inference \+ ([\d.]+)M of the frozen text encoder", printed)
+    assert summary, printed
+    assert [float(x) for x in summary.groups()] == [round(total, 2), round(total - text, 2), round(text, 2)]
+    assert f"({TEXT_ENCODER})" in printed
+
+
+def test_analyze_model_input_size_is_height_then_width():
+    """As the README says: --input-size H W."""
+    tool = load_script("tools/analyze_model.py")
+    (batch,) = tool.flop_inputs(None, tool.parse_args(["--config-file", TINY_MASK_RCNN, "--input-size", "96", "160"]))
+    assert batch[0]["image"].shape == (3, 96, 160) and (batch[0]["height"], batch[0]["width"]) == (96, 160)
 
 
 @pytest.mark.slow

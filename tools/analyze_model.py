@@ -22,6 +22,7 @@ from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.utils.analysis import parameter_count_table
 
 from denseclip import get_denseclip_cfg, register_datasets_from_config
+from denseclip.modeling import ContextTextEncoder
 from denseclip.utils.analysis import NUM_BOX_PROPOSALS, NUM_MASK_BOXES, FlopReport, count_flops, parameter_split
 
 
@@ -30,7 +31,7 @@ def parse_args(argv=None):
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--tasks", nargs="+", choices=("flop", "parameter", "structure"), default=["flop", "parameter"])
     parser.add_argument("--input-size", nargs=2, type=int, default=[800, 1280], metavar=("H", "W"),
-                        help="random image size (default: the paper's 1280 x 800)")
+                        help="height and width of the random image (default 800 1280: the paper's 1280 x 800, W x H)")
     parser.add_argument("--num-inputs", type=int, default=0, help="mean over this many DATASETS.TEST images instead")
     parser.add_argument("--format", choices=("text", "json"), default="text")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
@@ -97,8 +98,11 @@ def print_text(result: dict, model) -> None:
             print(f"WARNING: ops not counted (no handle): {result['unsupported_ops']}")
     if "params_m" in result:
         print(parameter_count_table(model, max_depth=2))
-        print(f"Parameters: {result['params_m']:.2f}M for inference; the frozen text encoder's "
-              f"{result['params_m_text_encoder']:.2f}M (its output is cached) excluded")
+        total = result["params_m"] + result["params_m_text_encoder"]
+        where = ", ".join(name for name, module in model.named_modules() if isinstance(module, ContextTextEncoder))
+        print(f"Parameters: {total:.2f}M in all (the table's model row) = {result['params_m']:.2f}M for inference "
+              f"+ {result['params_m_text_encoder']:.2f}M of the frozen text encoder" + (f" ({where})" if where else "")
+              + ", left out of the inference count because its output is cached")
     if "structure" in result:
         print(result["structure"])
 
