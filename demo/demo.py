@@ -19,6 +19,8 @@ import cv2
 import numpy as np
 import tqdm
 
+import denseclip  # noqa: F401  (before Detectron2: it silences warnings expected when Detectron2 is imported)
+
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 

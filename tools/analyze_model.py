@@ -17,6 +17,8 @@ from itertools import islice
 
 import torch
 
+import denseclip  # noqa: F401  (before Detectron2: it silences warnings expected when Detectron2 is imported)
+
 from detectron2.data import build_detection_test_loader
 from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.utils.analysis import parameter_count_table

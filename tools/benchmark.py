@@ -26,6 +26,8 @@ import time
 
 import torch
 
+import denseclip  # noqa: F401  (before Detectron2: it silences warnings expected when Detectron2 is imported)
+
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage

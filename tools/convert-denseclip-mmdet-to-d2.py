@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+import denseclip  # noqa: F401  (before Detectron2: it silences warnings expected when Detectron2 is imported)
+
 from detectron2.modeling import build_model
 
 from denseclip import get_denseclip_cfg

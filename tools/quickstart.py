@@ -8,13 +8,13 @@ also for the untrained model), and draw the trained model's predictions and scor
 """
 import argparse
 import json
-import logging
 import os
 import time
-import warnings
 
 import cv2
 import torch
+
+import denseclip  # noqa: F401  (before Detectron2: it silences warnings expected when Detectron2 is imported)
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
@@ -89,9 +89,6 @@ def main(args) -> dict:
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     for name, abbrev in (("detectron2", "d2"), ("denseclip", "dc")):
         setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name=name, abbrev_name=abbrev)
-    # Notices from PyTorch internals that say nothing about this run.
-    warnings.filterwarnings("ignore", message="torch.meshgrid")
-    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
         f.write(cfg.dump())
 
