@@ -409,3 +409,40 @@ def context_decoder_parameters(visual_dim, width, layers):
 def score_map_parameters(embed_dim, width=256, layers=3, contexts=8, text_width=512) -> int:
     """The trained score-map parts: context decoder, gamma (embed_dim) and the learnable contexts."""
     return context_decoder_parameters(embed_dim, width, layers) + embed_dim + contexts * text_width
+
+
+SEM_SEG_CONFIGS = {
+    ("clip", "R_50"): "configs/ADE20K-SemanticSegmentation/semantic_fpn_clip_R_50_512x512_80k.yaml",
+    ("denseclip", "R_50"): "configs/ADE20K-SemanticSegmentation/semantic_fpn_denseclip_R_50_512x512_80k.yaml",
+    ("clip", "ViT_B_16"): "configs/ADE20K-SemanticSegmentation/semantic_fpn_clip_ViT_B_16_512x512_80k.yaml",
+    ("denseclip", "ViT_B_16"): "configs/ADE20K-SemanticSegmentation/semantic_fpn_denseclip_ViT_B_16_512x512_80k.yaml",
+}
+
+
+def tiny_sem_seg_cfg(denseclip: bool = True, vit: bool = False, class_names=("cat", "dog", "traffic light")):
+    """An ADE20K Semantic FPN config of the repository (its meta-architecture, backbone builder, head
+    options, score-map options and solver), shrunk: the tiny CLIP ResNet (or a 4-block tiny ViT with the
+    segmentation pyramid from blocks 0-3), 3 classes, 16-channel FPN and head, 64 px windows."""
+    config = SEM_SEG_CONFIGS[("denseclip" if denseclip else "clip", "ViT_B_16" if vit else "R_50")]
+    cfg = tiny_vit_cfg(class_names=class_names) if vit else tiny_cfg(class_names=class_names)
+    shrunk_clip = cfg.MODEL.CLIP.clone()
+    cfg.merge_from_file(os.path.join(REPO, config))
+    for key in ("LAYERS", "WIDTH", "EMBED_DIM", "INPUT_RESOLUTION", "TEXT"):
+        cfg.MODEL.CLIP[key] = shrunk_clip[key]
+    for key in ("PATCH_SIZE", "WIDTH", "HEADS"):
+        cfg.MODEL.CLIP.VIT[key] = shrunk_clip.VIT[key]
+    cfg.MODEL.CLIP.VIT.LAYERS, cfg.MODEL.CLIP.VIT.OUT_INDICES = 4, [0, 1, 2, 3]
+    cfg.MODEL.DENSECLIP.CLASS_NAMES = list(class_names)
+    cfg.MODEL.DENSECLIP.CONTEXT_DECODER.WIDTH = 16
+    cfg.MODEL.DENSECLIP.CONTEXT_DECODER.HEADS = 2
+    cfg.MODEL.DENSECLIP.CONTEXT_DECODER.LAYERS = 1
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = len(class_names)
+    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 16
+    cfg.MODEL.FPN.OUT_CHANNELS = 16
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.TEST.SEM_SEG.CROP_SIZE, cfg.TEST.SEM_SEG.STRIDE = (64, 64), (43, 43)
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 64, 256
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    cfg.DATALOADER.NUM_WORKERS = 0
+    return cfg

@@ -1,4 +1,4 @@
-"""DenseCLIP (CVPR 2022) for object detection and instance segmentation on Detectron2."""
+"""DenseCLIP (CVPR 2022) for object detection, instance and semantic segmentation on Detectron2."""
 from .utils import env as _env  # noqa: F401  (first: silences warnings expected when Detectron2 is imported)
 from . import data  # noqa: F401  (registers the generated dataset)
 from . import modeling  # noqa: F401  (registers backbones and meta-architectures)

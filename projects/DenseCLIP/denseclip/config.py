@@ -32,6 +32,9 @@ def add_denseclip_config(cfg):
     # Activation of CLIP's transformers: "QuickGELU" (every OpenAI CLIP model) or "GELU" (open_clip
     # models trained without the "-quickgelu" suffix).
     cfg.MODEL.CLIP.ACTIVATION = "QuickGELU"
+    # How the attention pool's positional grid meets a feature map of another size: "crop" its top-left
+    # part (the detection release), or "resize" the whole grid bilinearly (the segmentation release).
+    cfg.MODEL.CLIP.ATTENTION_POOL_GRID = "crop"
 
     # CLIP vision transformer (the *_clip_vit_* backbones). Defaults are CLIP ViT-B/16; EMBED_DIM (512
     # for ViT-B/16), INPUT_RESOLUTION (the pretraining grid: 224 -> 14 x 14) and ACTIVATION are shared.
@@ -46,6 +49,14 @@ def add_denseclip_config(cfg):
     cfg.MODEL.CLIP.VIT.HEADS = 12
     # Stochastic depth in training: drop rate of the last block's residual branches, 0 for the first, linear between.
     cfg.MODEL.CLIP.VIT.DROP_PATH_RATE = 0.0
+    # Segmentation pyramid (build_*_clip_vit_fpn_backbone): the 0-based blocks whose patch tokens become
+    # the stride-4, 8, 16 and 32 maps (upsampled x4 and x2, kept, max-pooled), as the release's ViT-B.
+    cfg.MODEL.CLIP.VIT.OUT_INDICES = [3, 5, 7, 11]
+    # Normalisation between the two transposed convolutions of that pyramid's stride-4 branch.
+    cfg.MODEL.CLIP.VIT.PYRAMID_NORM = "SyncBN"
+    # Add class_embedding to the class token's positional embedding too (so the token gets it twice),
+    # as the release's segmentation ViT does; CLIP itself (False) adds it once.
+    cfg.MODEL.CLIP.VIT.CLASS_EMBEDDING_IN_POSITION = False
 
     # CLIP text encoder (frozen transformer). Defaults are CLIP's, shared by RN50 and RN101.
     cfg.MODEL.CLIP.TEXT = CN()
@@ -69,6 +80,12 @@ def add_denseclip_config(cfg):
     cfg.MODEL.DENSECLIP.NUM_CONTEXT = 8
     # Temperature of the pixel-text score map (cosine similarity / TAU).
     cfg.MODEL.DENSECLIP.TAU = 0.07
+    # The bottom-up feature the score map is concatenated to; "" takes the one of the largest stride
+    # (res5). The release's segmentation ViT-B uses its stride-16 map ("s16").
+    cfg.MODEL.DENSECLIP.SCORE_CONCAT_FEATURE = ""
+    # Concatenate the score map divided by TAU (the detection release) or the plain cosine similarity
+    # (False, the segmentation release). The auxiliary loss always reads cosine / TAU.
+    cfg.MODEL.DENSECLIP.SCORE_CONCAT_WITH_TAU = True
     # Initial value of the learnable per-channel scale of the context decoder's update.
     cfg.MODEL.DENSECLIP.GAMMA_INIT = 1e-4
     # Cache the text encoder's output in eval mode (it only depends on the learned contexts).
@@ -93,6 +110,8 @@ def add_denseclip_config(cfg):
     cfg.MODEL.DENSECLIP.CONTEXT_DECODER.DROPOUT = 0.1
 
     # Auxiliary loss on the score map.
+    # For semantic segmentors it is cross-entropy of (cosine / TAU) resized to the label map, averaged
+    # as MODEL.SEM_SEG_HEAD.LOSS_NORMALIZATION says; the detectors' loss is described below.
     cfg.MODEL.DENSECLIP.SCORE_MAP_LOSS = CN()
     cfg.MODEL.DENSECLIP.SCORE_MAP_LOSS.WEIGHT = 1.0
     # Stride of the target grid the score map is upsampled to (4 = res2, as in the release).
@@ -111,6 +130,25 @@ def add_denseclip_config(cfg):
     # DenseCLIPRetinaNet clips its boxes to the image before NMS, as the release (MMDetection) does;
     # False keeps Detectron2's order (NMS, then clipping), which the stock RetinaNet uses.
     cfg.MODEL.RETINANET.CLIP_BOXES_BEFORE_NMS = True
+
+    # ---------------------------------------------------------------------------------------------
+    # Semantic segmentation (SemanticFPNHead, SlidingWindowSemanticSegmentor, DenseCLIPSemanticSegmentor).
+    # ---------------------------------------------------------------------------------------------
+    # Dropout2d rate before the 1x1 classifier of SemanticFPNHead (0.1 in the release's head).
+    cfg.MODEL.SEM_SEG_HEAD.DROPOUT = 0.0
+    # How label-map cross-entropies are averaged: "valid" pixels only (Detectron2), or "all" pixels,
+    # ignored ones counting 0 (MMSegmentation 0.19, the release).
+    cfg.MODEL.SEM_SEG_HEAD.LOSS_NORMALIZATION = "valid"
+    # Inference: "whole" image (Detectron2), or "slide" crops of CROP_SIZE (h, w) every STRIDE (h, w)
+    # pixels, the last one aligned to the border, overlapping logits averaged (the release).
+    cfg.TEST.SEM_SEG = CN()
+    cfg.TEST.SEM_SEG.MODE = "whole"
+    cfg.TEST.SEM_SEG.CROP_SIZE = (512, 512)
+    cfg.TEST.SEM_SEG.STRIDE = (341, 341)
+    # Multi-scale test of semantic segmentors (TEST.AUG.ENABLED): test resizes to these ratios of
+    # (MIN_SIZE_TEST, MAX_SIZE_TEST), both scaled, as the release; empty uses TEST.AUG.MIN_SIZES and
+    # TEST.AUG.MAX_SIZE. Probabilities (softmax) are averaged over scales and flips.
+    cfg.TEST.AUG.SCALE_RATIOS = []
 
     # ---------------------------------------------------------------------------------------------
     # Own COCO-format data without code: an annotation JSON and the folder of its images per split.
@@ -173,6 +211,10 @@ def add_denseclip_config(cfg):
     # Parameters whose name contains one of these get no weight decay (the release: "norm", which
     # its context decoder's LayerNorms match and the image encoder's BatchNorms, named bn*, do not).
     cfg.SOLVER.NO_WEIGHT_DECAY_KEYS = []
+    # SOLVER.LR_SCHEDULER_NAME "WarmupPolyLR": lr x (1 - iter / MAX_ITER)^POWER, decaying to POLY_LR_MIN at
+    # the end (for BASE_LR; every group ends at the same fraction of its own lr), after SOLVER.WARMUP_*.
+    cfg.SOLVER.POLY_LR_POWER = 0.9
+    cfg.SOLVER.POLY_LR_MIN = 0.0
 
 
 def get_denseclip_cfg(config_file: str = "", opts: Sequence[str] = ()) -> CN:

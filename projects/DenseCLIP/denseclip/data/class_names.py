@@ -3,11 +3,19 @@ from typing import List, Sequence, Union
 
 from detectron2.data import MetadataCatalog
 
-__all__ = ["parse_vocabulary", "resolve_class_names"]
+__all__ = ["metadata_classes_key", "parse_vocabulary", "resolve_class_names"]
+
+
+def metadata_classes_key(cfg) -> str:
+    """The metadata field naming the model's classes: stuff_classes for semantic segmentors, else thing_classes."""
+    from .dataset_mapper import is_semantic_segmentation
+
+    return "stuff_classes" if is_semantic_segmentation(cfg) else "thing_classes"
 
 
 def resolve_class_names(cfg) -> List[str]:
-    """MODEL.DENSECLIP.CLASS_NAMES, or else the thing_classes of the first training (or test) dataset."""
+    """MODEL.DENSECLIP.CLASS_NAMES, or else the class names of the first training (or test) dataset:
+    its stuff_classes for semantic segmentors, its thing_classes for detectors."""
     if cfg.MODEL.DENSECLIP.CLASS_NAMES:
         return list(cfg.MODEL.DENSECLIP.CLASS_NAMES)
     datasets = list(cfg.DATASETS.TRAIN) or list(cfg.DATASETS.TEST)
@@ -16,10 +24,11 @@ def resolve_class_names(cfg) -> List[str]:
             "DenseCLIP needs class names for its prompts: set DATASETS.TRAIN (or DATASETS.TEST) to a "
             "registered dataset, or list them in MODEL.DENSECLIP.CLASS_NAMES"
         )
-    classes = MetadataCatalog.get(datasets[0]).get("thing_classes", None)
+    key = metadata_classes_key(cfg)
+    classes = MetadataCatalog.get(datasets[0]).get(key, None)
     if not classes:
         raise ValueError(
-            f"Dataset {datasets[0]!r} has no thing_classes in its metadata. Register it (for a COCO "
+            f"Dataset {datasets[0]!r} has no {key} in its metadata. Register it (for a COCO "
             f"JSON: DATASETS.COCO_FORMAT.*, or detectron2.data.datasets.register_coco_instances) before "
             f"building the model, or list the names in MODEL.DENSECLIP.CLASS_NAMES"
         )

@@ -8,7 +8,7 @@ from detectron2.modeling import build_model
 
 from ..checkpoint import DenseCLIPCheckpointer
 from ..config import check_device
-from ..modeling import DenseCLIPDetector
+from ..modeling import DenseCLIPModel
 
 __all__ = ["DenseCLIPPredictor"]
 
@@ -19,7 +19,7 @@ class DenseCLIPPredictor(DefaultPredictor):
     MODEL.WEIGHTS with DenseCLIPCheckpointer.
 
     With ``score_maps`` (DenseCLIP models only) the output also holds "score_maps", K x H x W
-    score-map logits on the image, for :attr:`score_map_names`: the detector's classes, or
+    score-map logits on the image, for :attr:`score_map_names`: the model's classes, or
     ``vocabulary``, any names the learned prompts and context decoder can score (the detections
     keep the detector's own classes). A vocabulary is a list of names or one string of comma-separated
     names, split as demo.py's --vocabulary (:func:`denseclip.data.parse_vocabulary`).
@@ -40,7 +40,7 @@ class DenseCLIPPredictor(DefaultPredictor):
         if self.input_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT must be RGB or BGR, got {self.input_format!r}")
         if score_maps or vocabulary is not None:
-            if not isinstance(self.model, DenseCLIPDetector):
+            if not isinstance(self.model, DenseCLIPModel):
                 raise ValueError(
                     f"Score maps need a DenseCLIP meta-architecture; {cfg.MODEL.META_ARCHITECTURE} has none "
                     f"(the CLIP baseline)"

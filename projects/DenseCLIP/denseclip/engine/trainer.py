@@ -1,5 +1,5 @@
-"""DenseCLIP's trainer: Detectron2's DefaultTrainer with the release's optimizer, CLIP-aware
-checkpointing, COCO evaluation and distributed training that also works on CPU (gloo)."""
+"""DenseCLIP's trainer: Detectron2's DefaultTrainer with the release's optimizer and schedule, CLIP-aware
+checkpointing, COCO or mIoU evaluation and distributed training that also works on CPU (gloo)."""
 import logging
 import os
 import weakref
@@ -10,34 +10,40 @@ import torch
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator
-from detectron2.modeling import GeneralizedRCNN, RetinaNet
+from detectron2.modeling import GeneralizedRCNN, RetinaNet, SemanticSegmentor
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import DenseCLIPCheckpointer
 from ..data import DenseCLIPDatasetMapper, SemSegDatasetMapper, is_semantic_segmentation, read_label_map
+from ..data.class_names import metadata_classes_key
 from ..evaluation import ScoreMapEvaluator
-from ..solver import build_optimizer
+from ..modeling.test_time_augmentation import SemanticSegmentorWithTTA
+from ..solver import build_lr_scheduler, build_optimizer
 
 __all__ = ["DenseCLIPTrainer", "check_class_count", "head_num_classes"]
 
 
 def head_num_classes(model: torch.nn.Module) -> Tuple[int, str]:
-    """The detector head's class count and the config key that sets it."""
+    """The head's class count and the config key that sets it."""
     if isinstance(model, GeneralizedRCNN):
         return model.roi_heads.num_classes, "MODEL.ROI_HEADS.NUM_CLASSES"
     if isinstance(model, RetinaNet):
         return model.num_classes, "MODEL.RETINANET.NUM_CLASSES"
-    raise TypeError(f"{type(model).__name__} is neither a RetinaNet nor a GeneralizedRCNN")
+    if isinstance(model, SemanticSegmentor):
+        head = model.sem_seg_head
+        return getattr(head, "num_classes", head.predictor.out_channels), "MODEL.SEM_SEG_HEAD.NUM_CLASSES"
+    raise TypeError(f"{type(model).__name__} is neither a RetinaNet, a GeneralizedRCNN nor a SemanticSegmentor")
 
 
 def check_class_count(cfg, model: torch.nn.Module) -> None:
     """Test datasets must have as many classes as the training datasets, and every configured dataset
-    as many as the detector head."""
+    as many as the head."""
     expected, key = head_num_classes(model)
+    field = metadata_classes_key(cfg)
     counts = {}
     for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
-        classes = MetadataCatalog.get(name).get("thing_classes", None)
+        classes = MetadataCatalog.get(name).get(field, None)
         if classes is not None:
             counts[name] = len(classes)
     train = [name for name in cfg.DATASETS.TRAIN if name in counts]
@@ -50,7 +56,7 @@ def check_class_count(cfg, model: torch.nn.Module) -> None:
                 f"pair replaces only its own split), or DATASETS.TEST \"()\" to train without evaluating."
             )
     for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
-        classes = MetadataCatalog.get(name).get("thing_classes", None)
+        classes = MetadataCatalog.get(name).get(field, None)
         if classes is not None and len(classes) != expected:
             raise ValueError(
                 f"Dataset {name!r} has {len(classes)} classes but {key} is {expected}. "
@@ -140,6 +146,10 @@ class DenseCLIPTrainer(DefaultTrainer):
         return build_optimizer(cfg, model)
 
     @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         """COCO box (and mask) AP, with MODEL.DENSECLIP.RETURN_SCORE_MAPS also the score maps' IoU; for
         semantic segmentors mIoU (SemSegEvaluator)."""
@@ -151,3 +161,15 @@ class DenseCLIPTrainer(DefaultTrainer):
         if cfg.MODEL.DENSECLIP.RETURN_SCORE_MAPS:
             evaluators.append(ScoreMapEvaluator(dataset_name))
         return DatasetEvaluators(evaluators)
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """Evaluate a semantic segmentor with multi-scale and flip testing (TEST.AUG.*)."""
+        if not isinstance(model, SemanticSegmentor):
+            raise ValueError("TEST.AUG.ENABLED is supported for semantic segmentors only")
+        evaluators = [
+            cls.build_evaluator(cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA"))
+            for name in cfg.DATASETS.TEST
+        ]
+        results = cls.test(cfg, SemanticSegmentorWithTTA(cfg, model), evaluators)
+        return {f"{name}_TTA": value for name, value in results.items()}

@@ -2,6 +2,7 @@ from . import backbone  # noqa: F401  (registers the CLIP backbones)
 from .backbone import (
     CLIPResNet,
     CLIPVisionTransformer,
+    CLIPViTFeaturePyramid,
     LanguageGuidedBackbone,
     build_clip_fpn_backbone,
     build_clip_vit_sfp_backbone,
@@ -9,7 +10,15 @@ from .backbone import (
     build_retinanet_clip_vit_sfp_backbone,
 )
 from .context_decoder import ContextDecoder
-from .meta_arch import DenseCLIPDetector, DenseCLIPRCNN, DenseCLIPRetinaNet
+from .meta_arch import (
+    DenseCLIPDetector,
+    DenseCLIPModel,
+    DenseCLIPRCNN,
+    DenseCLIPRetinaNet,
+    DenseCLIPSemanticSegmentor,
+    SlidingWindowSemanticSegmentor,
+)
 from .score_map import PixelTextScoreMap
 from .score_map_loss import ScoreMapLoss
+from .sem_seg_head import SemanticFPNHead, label_map_cross_entropy
 from .text_encoder import ContextTextEncoder, tokenize_class_names

@@ -42,7 +42,7 @@ class PixelTextScoreMap(nn.Module):
     def class_names(self):
         return self.text_encoder.class_names
 
-    def forward(
+    def cosine(
         self,
         global_embedding: torch.Tensor,
         dense_embedding: torch.Tensor,
@@ -54,7 +54,7 @@ class PixelTextScoreMap(nn.Module):
             dense_embedding: B x D x H x W.
             class_names: the K names to score; None scores the training classes.
         Returns:
-            B x K x H x W score map (float32).
+            B x K x H x W cosine similarities (float32), before the temperature.
         """
         with torch.autocast(dense_embedding.device.type, enabled=False):
             dense = dense_embedding.float()
@@ -63,4 +63,13 @@ class PixelTextScoreMap(nn.Module):
             text = text + self.gamma * self.context_decoder(text, visual)
             dense = F.normalize(dense, dim=1)
             text = F.normalize(text, dim=2)
-            return torch.einsum("bdhw,bkd->bkhw", dense, text) / self.tau
+            return torch.einsum("bdhw,bkd->bkhw", dense, text)
+
+    def forward(
+        self,
+        global_embedding: torch.Tensor,
+        dense_embedding: torch.Tensor,
+        class_names: Optional[Sequence[str]] = None,
+    ) -> torch.Tensor:
+        """The B x K x H x W score map: :meth:`cosine` / tau (float32)."""
+        return self.cosine(global_embedding, dense_embedding, class_names) / self.tau

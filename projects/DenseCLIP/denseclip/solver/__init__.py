@@ -1,1 +1,1 @@
-from .build import build_optimizer
+from .build import build_lr_scheduler, build_optimizer

@@ -1,18 +1,22 @@
 """The release's optimizer: AdamW (or SGD), no decay on norm layers, CLIP image encoder at a reduced lr,
-frozen text encoder, optional gradient clipping over the whole model."""
+frozen text encoder, optional gradient clipping over the whole model; and its poly schedule."""
 import itertools
 from typing import Type
 
 import torch
+from fvcore.common.param_scheduler import ParamScheduler
 
+from detectron2.solver import LRMultiplier, WarmupParamScheduler
+from detectron2.solver import build_lr_scheduler as build_detectron2_lr_scheduler
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping, reduce_param_groups
 
-from ..modeling.backbone import AttentionPooledBackbone, CLIPResNet, CLIPVisionTransformer
+from ..modeling.backbone import AttentionPooledBackbone, CLIPResNet, CLIPVisionTransformer, CLIPViTFeaturePyramid
 
-# Pretrained image encoders, trained at SOLVER.BACKBONE_MULTIPLIER x the base learning rate.
-IMAGE_ENCODERS = (CLIPResNet, CLIPVisionTransformer)
+# Pretrained image encoders, trained at SOLVER.BACKBONE_MULTIPLIER x the base learning rate (the segmentation
+# ViT's pyramid too, as the release's backbone holds it).
+IMAGE_ENCODERS = (CLIPResNet, CLIPVisionTransformer, CLIPViTFeaturePyramid)
 
-__all__ = ["build_optimizer"]
+__all__ = ["PolynomialDecayToMinParamScheduler", "build_lr_scheduler", "build_optimizer"]
 
 
 def _with_full_model_gradient_clipping(optimizer_type: Type[torch.optim.Optimizer], max_norm: float, norm_type: float):
@@ -84,3 +88,37 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         optimizer_type = _with_full_model_gradient_clipping(optimizer_type, clipping.CLIP_VALUE, clipping.NORM_TYPE)
         return optimizer_type(params, lr=cfg.SOLVER.BASE_LR, **kwargs)
     return maybe_add_gradient_clipping(cfg, optimizer_type)(params, lr=cfg.SOLVER.BASE_LR, **kwargs)
+
+
+class PolynomialDecayToMinParamScheduler(ParamScheduler):
+    """MMCV's poly rule as a multiplier: (1 - minimum) * (1 - where)^power + minimum, where in [0, 1)."""
+
+    def __init__(self, power: float, minimum: float):
+        self.power = power
+        self.minimum = minimum
+
+    def __call__(self, where: float) -> float:
+        return (1.0 - self.minimum) * (1.0 - where) ** self.power + self.minimum
+
+
+def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer):
+    """
+    SOLVER.LR_SCHEDULER_NAME "WarmupPolyLR": the release's segmentation schedule, lr x ((1 - m) (1 -
+    iter / MAX_ITER)^POLY_LR_POWER + m) with m = POLY_LR_MIN / BASE_LR, after Detectron2's warm-up
+    (SOLVER.WARMUP_METHOD from WARMUP_FACTOR x lr over WARMUP_ITERS). Other names are Detectron2's.
+    """
+    if cfg.SOLVER.LR_SCHEDULER_NAME != "WarmupPolyLR":
+        return build_detectron2_lr_scheduler(cfg, optimizer)
+    if not 0.0 <= cfg.SOLVER.POLY_LR_MIN <= cfg.SOLVER.BASE_LR:
+        raise ValueError(
+            f"SOLVER.POLY_LR_MIN ({cfg.SOLVER.POLY_LR_MIN}) must lie between 0 and SOLVER.BASE_LR ({cfg.SOLVER.BASE_LR})"
+        )
+    poly = PolynomialDecayToMinParamScheduler(cfg.SOLVER.POLY_LR_POWER, cfg.SOLVER.POLY_LR_MIN / cfg.SOLVER.BASE_LR)
+    schedule = WarmupParamScheduler(
+        poly,
+        cfg.SOLVER.WARMUP_FACTOR,
+        min(cfg.SOLVER.WARMUP_ITERS / cfg.SOLVER.MAX_ITER, 1.0),
+        cfg.SOLVER.WARMUP_METHOD,
+        cfg.SOLVER.RESCALE_INTERVAL,
+    )
+    return LRMultiplier(optimizer, multiplier=schedule, max_iter=cfg.SOLVER.MAX_ITER)

@@ -9,7 +9,18 @@ from torch import nn
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import Backbone
 
-__all__ = ["AttentionPooledBackbone", "dense_attention_pool", "new_attention_pool", "resize_positional_grid"]
+__all__ = [
+    "GRID_MODES",
+    "AttentionPooledBackbone",
+    "dense_attention_pool",
+    "new_attention_pool",
+    "resize_positional_grid",
+]
+
+#: How the attention pool's positional grid meets a feature map of another size (MODEL.CLIP.ATTENTION_POOL_GRID):
+#: "crop" takes its top-left H x W part (the detection release; interpolated up first if the map is
+#: larger), "resize" interpolates the whole grid bilinearly to H x W (the segmentation release).
+GRID_MODES = ("crop", "resize")
 
 
 def _grid_side(num_positions: int) -> int:
@@ -40,11 +51,16 @@ def resize_positional_grid(positional_embedding: torch.Tensor, size: Tuple[int, 
     return torch.cat([cls_pos, grid], dim=0)
 
 
-def _positional_embedding_for(positional_embedding: torch.Tensor, height: int, width: int):
+def _positional_embedding_for(positional_embedding: torch.Tensor, height: int, width: int, mode: str = "crop"):
     """
-    Positional embedding for an H x W feature map: the top-left H x W part of the grid, as in the
-    release; a grid smaller than the feature map is first interpolated up (the release fails there).
+    Positional embedding for an H x W feature map. "crop": the top-left H x W part of the grid, as in
+    the detection release; a grid smaller than the feature map is first interpolated up (the release
+    fails there). "resize": the whole grid resized bilinearly to H x W, as in the segmentation release.
     """
+    if mode == "resize":
+        return resize_positional_grid(positional_embedding, (height, width))
+    if mode != "crop":
+        raise ValueError(f"MODEL.CLIP.ATTENTION_POOL_GRID must be one of {GRID_MODES}, got {mode!r}")
     side = _grid_side(positional_embedding.shape[0])
     if height > side or width > side:
         positional_embedding = resize_positional_grid(
@@ -58,13 +74,14 @@ def _positional_embedding_for(positional_embedding: torch.Tensor, height: int, w
     return torch.cat([cls_pos, grid.reshape(height * width, -1)], dim=0)
 
 
-def dense_attention_pool(pool: AttentionPool2d, x: torch.Tensor):
+def dense_attention_pool(pool: AttentionPool2d, x: torch.Tensor, grid_mode: str = "crop"):
     """
     CLIP's attention pool applied with every token as a query, not only the mean token.
 
     Args:
         pool: open_clip's AttentionPool2d (its weights are used unchanged).
         x: B x C x H x W feature map (res5).
+        grid_mode: how the positional grid meets an H x W map of another size (:data:`GRID_MODES`).
     Returns:
         global_embedding: B x D, what CLIP's attention pool returns;
         dense_embedding: B x D x H x W, the same attention evaluated at each location.
@@ -72,7 +89,7 @@ def dense_attention_pool(pool: AttentionPool2d, x: torch.Tensor):
     batch, channels, height, width = x.shape
     tokens = x.flatten(2).permute(2, 0, 1)  # HW x B x C
     tokens = torch.cat([tokens.mean(dim=0, keepdim=True), tokens], dim=0)
-    positional = _positional_embedding_for(pool.positional_embedding, height, width)
+    positional = _positional_embedding_for(pool.positional_embedding, height, width, grid_mode)
     tokens = tokens + positional[:, None, :].to(tokens.dtype)
     out, _ = F.multi_head_attention_forward(
         query=tokens,
@@ -117,8 +134,13 @@ class AttentionPooledBackbone(Backbone):
     ``forward`` is the backbone's own; :meth:`forward_with_embeddings` adds the pool's embeddings.
     """
 
-    def __init__(self, net: Backbone, in_feature: str, embed_dim: int, heads: int, grid_size: int):
+    def __init__(
+        self, net: Backbone, in_feature: str, embed_dim: int, heads: int, grid_size: int, grid_mode: str = "crop"
+    ):
         super().__init__()
+        if grid_mode not in GRID_MODES:
+            raise ValueError(f"MODEL.CLIP.ATTENTION_POOL_GRID must be one of {GRID_MODES}, got {grid_mode!r}")
+        self.grid_mode = grid_mode
         shapes = net.output_shape()
         if in_feature not in shapes:
             raise ValueError(
@@ -134,7 +156,9 @@ class AttentionPooledBackbone(Backbone):
     def forward_with_embeddings(self, x: torch.Tensor):
         """The backbone's features, and global (B x D) and dense (B x D x h x w) embeddings of ``in_feature``."""
         features = self.net(x)
-        global_embedding, dense_embedding = dense_attention_pool(self.attnpool, features[self.in_feature])
+        global_embedding, dense_embedding = dense_attention_pool(
+            self.attnpool, features[self.in_feature], self.grid_mode
+        )
         return features, global_embedding, dense_embedding
 
     def output_shape(self) -> Dict[str, ShapeSpec]:

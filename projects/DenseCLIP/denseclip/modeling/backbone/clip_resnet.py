@@ -9,9 +9,9 @@ from detectron2.config import configurable
 from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-from .attention_pool import dense_attention_pool
+from .attention_pool import GRID_MODES, dense_attention_pool
 
-__all__ = ["CLIPResNet", "build_clip_resnet_backbone", "clip_norm"]
+__all__ = ["CLIPResNet", "build_clip_resnet_backbone", "clip_norm", "norm_for_device"]
 
 _STAGES = ("res2", "res3", "res4", "res5")
 _STEM_MODULES = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3")
@@ -55,12 +55,15 @@ class CLIPResNet(ModifiedResNet, Backbone):
         embed_dim: int,
         input_resolution: int,
         with_attention_pool: bool,
+        attention_pool_grid: str = "crop",
         norm: str,
         freeze_at: int,
         out_features: List[str],
     ):
         if len(layers) != 4:
             raise ValueError(f"MODEL.CLIP.LAYERS needs 4 stage depths, got {list(layers)}")
+        if attention_pool_grid not in GRID_MODES:
+            raise ValueError(f"MODEL.CLIP.ATTENTION_POOL_GRID must be one of {GRID_MODES}, got {attention_pool_grid!r}")
         if input_resolution % 32:
             raise ValueError(f"MODEL.CLIP.INPUT_RESOLUTION must be a multiple of 32, got {input_resolution}")
         # CLIP's head count for its ResNets: one head per 64 channels of res5.
@@ -76,6 +79,7 @@ class CLIPResNet(ModifiedResNet, Backbone):
             self.attnpool = None
         self.embed_dim = embed_dim
         self.input_resolution = input_resolution
+        self.attention_pool_grid = attention_pool_grid
 
         self._out_features = list(out_features)
         unknown = set(self._out_features) - set(_STAGES)
@@ -107,6 +111,7 @@ class CLIPResNet(ModifiedResNet, Backbone):
             "embed_dim": clip.EMBED_DIM,
             "input_resolution": clip.INPUT_RESOLUTION,
             "with_attention_pool": is_language_guided(cfg),
+            "attention_pool_grid": clip.ATTENTION_POOL_GRID,
             "norm": clip_norm(cfg),
             "freeze_at": clip.FREEZE_AT,
             "out_features": clip.OUT_FEATURES,
@@ -157,7 +162,7 @@ class CLIPResNet(ModifiedResNet, Backbone):
         if self.attnpool is None:
             raise RuntimeError("This CLIPResNet was built without its attention pool")
         outputs = self._stages(x)
-        global_embedding, dense_embedding = dense_attention_pool(self.attnpool, outputs["res5"])
+        global_embedding, dense_embedding = dense_attention_pool(self.attnpool, outputs["res5"], self.attention_pool_grid)
         return {name: outputs[name] for name in self._out_features}, global_embedding, dense_embedding
 
     def output_shape(self):
@@ -169,13 +174,17 @@ class CLIPResNet(ModifiedResNet, Backbone):
         }
 
 
-def clip_norm(cfg) -> str:
-    """MODEL.CLIP.NORM, with "SyncBN" resolved for the device: torch's SyncBatchNorm runs on GPUs only,
+def norm_for_device(norm: str, device: str) -> str:
+    """``norm`` with "SyncBN" resolved for the device: torch's SyncBatchNorm runs on GPUs only,
     Detectron2's NaiveSyncBatchNorm also synchronises CPU processes (gloo)."""
-    norm = cfg.MODEL.CLIP.NORM
-    if norm == "SyncBN" and torch.device(cfg.MODEL.DEVICE).type == "cpu":
+    if norm == "SyncBN" and torch.device(device).type == "cpu":
         return "naiveSyncBN"
     return norm
+
+
+def clip_norm(cfg) -> str:
+    """MODEL.CLIP.NORM, with "SyncBN" resolved for MODEL.DEVICE (:func:`norm_for_device`)."""
+    return norm_for_device(cfg.MODEL.CLIP.NORM, cfg.MODEL.DEVICE)
 
 
 @BACKBONE_REGISTRY.register()

@@ -2,7 +2,7 @@
 CLIP's vision transformer (OpenAI's ViT-B/16 by default) as a Detectron2 backbone, and the ViTDet
 simple feature pyramid on it for RetinaNet and two-stage detectors, language-guided for DenseCLIP.
 """
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from open_clip.transformer import VisionTransformer
@@ -41,6 +41,9 @@ class CLIPVisionTransformer(VisionTransformer, Backbone):
     Drop path: each block's two residual branches (attention, MLP) are dropped per sample in
     training, at rates rising linearly from 0 (first block) to ``drop_path_rate`` (last block). In
     eval mode the function is CLIP's.
+
+    ``class_embedding_in_position`` adds ``class_embedding`` to the class token's positional embedding
+    too, as the release's segmentation ViT does (the token then holds it twice).
     """
 
     @configurable
@@ -56,6 +59,7 @@ class CLIPVisionTransformer(VisionTransformer, Backbone):
         activation: str,
         drop_path_rate: float,
         with_embeddings: bool,
+        class_embedding_in_position: bool = False,
     ):
         if activation not in ACTIVATIONS:
             raise ValueError(f"MODEL.CLIP.ACTIVATION must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
@@ -78,7 +82,7 @@ class CLIPVisionTransformer(VisionTransformer, Backbone):
         )
         # open_clip's blocks scale each residual branch by ls_1 / ls_2, identities for CLIP: stochastic
         # depth takes their place (no parameters, so the names stay CLIP's).
-        self.drop_path_rates = [rate.item() for rate in torch.linspace(0, drop_path_rate, layers)]
+        self.drop_path_rates = [drop_path_rate * i / max(layers - 1, 1) for i in range(layers)]
         for block, rate in zip(self.transformer.resblocks, self.drop_path_rates):
             block.ls_1 = StochasticDepth(rate, "row")
             block.ls_2 = StochasticDepth(rate, "row")
@@ -88,6 +92,7 @@ class CLIPVisionTransformer(VisionTransformer, Backbone):
         self.width = width
         self.embed_dim = embed_dim
         self.input_resolution = input_resolution
+        self.class_embedding_in_position = class_embedding_in_position
         self._out_features = ["last_feat"]
 
     @classmethod
@@ -107,20 +112,29 @@ class CLIPVisionTransformer(VisionTransformer, Backbone):
             "activation": cfg.MODEL.CLIP.ACTIVATION,
             "drop_path_rate": vit.DROP_PATH_RATE,
             "with_embeddings": is_language_guided(cfg),
+            "class_embedding_in_position": vit.CLASS_EMBEDDING_IN_POSITION,
         }
 
-    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """The last block's tokens, B x (1 + h*w) x width (class token first), and the grid (h, w)."""
+    def encode_tokens(
+        self, x: torch.Tensor, out_indices: Sequence[int] = ()
+    ) -> Tuple[torch.Tensor, Tuple[int, int], List[torch.Tensor]]:
+        """The last block's tokens, B x (1 + h*w) x width (class token first), the grid (h, w), and the
+        tokens after each block of ``out_indices`` (0-based)."""
         x = self.conv1(x)  # B x width x h x w
         height, width = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat([self.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        x = x + resize_positional_grid(self.positional_embedding, (height, width)).to(x.dtype)
-        x = self.ln_pre(x)
-        return self.transformer(x), (height, width)
+        positional = resize_positional_grid(self.positional_embedding, (height, width))
+        if self.class_embedding_in_position:
+            positional = torch.cat([positional[:1] + self.class_embedding, positional[1:]], dim=0)
+        x = self.ln_pre(x + positional.to(x.dtype))
+        if not out_indices:
+            return self.transformer(x), (height, width), []
+        x, intermediates = self.transformer.forward_intermediates(x, indices=list(out_indices))
+        return x, (height, width), intermediates
 
     @staticmethod
-    def _as_map(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def as_map(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, height, width)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -130,8 +144,8 @@ class CLIPVisionTransformer(VisionTransformer, Backbone):
         Returns:
             {"last_feat": B x width x H/p x W/p}, the last block's patch tokens.
         """
-        tokens, (height, width) = self._tokens(x)
-        return {"last_feat": self._as_map(tokens[:, 1:], height, width)}
+        tokens, (height, width), _ = self.encode_tokens(x)
+        return {"last_feat": self.as_map(tokens[:, 1:], height, width)}
 
     def forward_with_embeddings(self, x: torch.Tensor):
         """
@@ -142,10 +156,10 @@ class CLIPVisionTransformer(VisionTransformer, Backbone):
         """
         if self.proj is None:
             raise RuntimeError("This CLIPVisionTransformer was built without its output projection")
-        tokens, (height, width) = self._tokens(x)
+        tokens, (height, width), _ = self.encode_tokens(x)
         embeddings = self.ln_post(tokens) @ self.proj
-        features = {"last_feat": self._as_map(tokens[:, 1:], height, width)}
-        return features, embeddings[:, 0], self._as_map(embeddings[:, 1:], height, width)
+        features = {"last_feat": self.as_map(tokens[:, 1:], height, width)}
+        return features, embeddings[:, 0], self.as_map(embeddings[:, 1:], height, width)
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {"last_feat": ShapeSpec(channels=self.width, stride=self.patch_size[0])}

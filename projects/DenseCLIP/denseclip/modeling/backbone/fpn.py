@@ -1,4 +1,5 @@
-"""CLIP-FPN backbones: Detectron2's FPN on the CLIP ResNet, language-guided for DenseCLIP detectors."""
+"""CLIP-FPN backbones: Detectron2's FPN on the CLIP ResNet (or any bottom-up with a new attention pool),
+language-guided for DenseCLIP detectors and semantic segmentors."""
 import torch.nn.functional as F
 
 from detectron2.layers import ShapeSpec
@@ -17,7 +18,13 @@ __all__ = [
     "build_fpn",
     "build_retinanet_attention_pool_fpn_backbone",
     "build_retinanet_clip_fpn_backbone",
+    "build_semantic_attention_pool_fpn_backbone",
+    "build_semantic_clip_fpn_backbone",
 ]
+
+#: The levels an FPN adds above its inputs: a max-pooled P6 (two-stage detectors), RetinaNet's P6 and P7,
+#: or none (semantic segmentation: P2..P5 only, as the release's FPN with 4 outputs).
+TOP_BLOCKS = ("maxpool", "p6p7", "none")
 
 
 class LastLevelP6P7(fpn.LastLevelP6P7):
@@ -35,20 +42,25 @@ class LastLevelP6P7(fpn.LastLevelP6P7):
         return [p6, self.p7(F.relu(p6) if self.relu_before_p7 else p6)]
 
 
-def build_fpn(cfg, bottom_up: Backbone, retinanet: bool) -> FPN:
+def build_fpn(cfg, bottom_up: Backbone, top: str) -> FPN:
     """
-    Detectron2's FPN on MODEL.FPN.IN_FEATURES of ``bottom_up``: with a max-pooled P6 for two-stage
-    detectors, or RetinaNet's P6/P7 computed from the top input feature (score maps included).
+    Detectron2's FPN on MODEL.FPN.IN_FEATURES of ``bottom_up``, with ``top`` (:data:`TOP_BLOCKS`): a
+    max-pooled P6 for two-stage detectors, RetinaNet's P6/P7 computed from the top input feature
+    (score maps included), or nothing for semantic segmentation.
     """
     in_features = cfg.MODEL.FPN.IN_FEATURES
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
-    if retinanet:
-        top = in_features[-1]
+    if top == "p6p7":
         top_block = LastLevelP6P7(
-            bottom_up.output_shape()[top].channels, out_channels, top, cfg.MODEL.FPN.RELU_BEFORE_P7
+            bottom_up.output_shape()[in_features[-1]].channels, out_channels, in_features[-1],
+            cfg.MODEL.FPN.RELU_BEFORE_P7,
         )
-    else:
+    elif top == "maxpool":
         top_block = LastLevelMaxPool()
+    elif top == "none":
+        top_block = None
+    else:
+        raise ValueError(f"FPN top block must be one of {TOP_BLOCKS}, got {top!r}")
     return FPN(
         bottom_up=bottom_up,
         in_features=in_features,
@@ -62,13 +74,13 @@ def build_fpn(cfg, bottom_up: Backbone, retinanet: bool) -> FPN:
 @BACKBONE_REGISTRY.register()
 def build_clip_fpn_backbone(cfg, input_shape: ShapeSpec):
     """CLIP-FPN for two-stage detectors: P2..P5 from res2..res5 and a max-pooled P6."""
-    return with_language_guidance(cfg, CLIPResNet(cfg, input_shape), lambda x: build_fpn(cfg, x, retinanet=False))
+    return with_language_guidance(cfg, CLIPResNet(cfg, input_shape), lambda x: build_fpn(cfg, x, "maxpool"))
 
 
 @BACKBONE_REGISTRY.register()
 def build_retinanet_clip_fpn_backbone(cfg, input_shape: ShapeSpec):
     """CLIP-FPN for RetinaNet: P3..P5 from res3..res5, P6 and P7 from res5 (score maps included)."""
-    return with_language_guidance(cfg, CLIPResNet(cfg, input_shape), lambda x: build_fpn(cfg, x, retinanet=True))
+    return with_language_guidance(cfg, CLIPResNet(cfg, input_shape), lambda x: build_fpn(cfg, x, "p6p7"))
 
 
 def attention_pooled_bottom_up(cfg, input_shape: ShapeSpec) -> Backbone:
@@ -80,7 +92,10 @@ def attention_pooled_bottom_up(cfg, input_shape: ShapeSpec) -> Backbone:
     shapes = bottom_up.output_shape()
     top = max(shapes, key=lambda name: shapes[name].stride)
     grid = cfg.MODEL.CLIP.INPUT_RESOLUTION // shapes[top].stride
-    return AttentionPooledBackbone(bottom_up, top, cfg.MODEL.CLIP.EMBED_DIM, cfg.MODEL.DENSECLIP.ATTENTION_POOL_HEADS, grid)
+    return AttentionPooledBackbone(
+        bottom_up, top, cfg.MODEL.CLIP.EMBED_DIM, cfg.MODEL.DENSECLIP.ATTENTION_POOL_HEADS, grid,
+        cfg.MODEL.CLIP.ATTENTION_POOL_GRID,
+    )
 
 
 @BACKBONE_REGISTRY.register()
@@ -88,11 +103,24 @@ def build_attention_pool_fpn_backbone(cfg, input_shape: ShapeSpec):
     """FPN (P2..P6) on any Detectron2 bottom-up (MODEL.DENSECLIP.BOTTOM_UP), language-guided through a
     new attention pool for DenseCLIP detectors: DenseCLIP on any backbone."""
     bottom_up = attention_pooled_bottom_up(cfg, input_shape)
-    return with_language_guidance(cfg, bottom_up, lambda x: build_fpn(cfg, x, retinanet=False))
+    return with_language_guidance(cfg, bottom_up, lambda x: build_fpn(cfg, x, "maxpool"))
 
 
 @BACKBONE_REGISTRY.register()
 def build_retinanet_attention_pool_fpn_backbone(cfg, input_shape: ShapeSpec):
     """RetinaNet's FPN (P3..P7) on any Detectron2 bottom-up, as build_attention_pool_fpn_backbone."""
     bottom_up = attention_pooled_bottom_up(cfg, input_shape)
-    return with_language_guidance(cfg, bottom_up, lambda x: build_fpn(cfg, x, retinanet=True))
+    return with_language_guidance(cfg, bottom_up, lambda x: build_fpn(cfg, x, "p6p7"))
+
+
+@BACKBONE_REGISTRY.register()
+def build_semantic_clip_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """CLIP-FPN for semantic segmentation: P2..P5 from res2..res5, no extra level."""
+    return with_language_guidance(cfg, CLIPResNet(cfg, input_shape), lambda x: build_fpn(cfg, x, "none"))
+
+
+@BACKBONE_REGISTRY.register()
+def build_semantic_attention_pool_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """FPN (P2..P5) on any Detectron2 bottom-up for semantic segmentation, as build_attention_pool_fpn_backbone."""
+    bottom_up = attention_pooled_bottom_up(cfg, input_shape)
+    return with_language_guidance(cfg, bottom_up, lambda x: build_fpn(cfg, x, "none"))

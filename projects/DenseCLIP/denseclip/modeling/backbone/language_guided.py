@@ -2,11 +2,12 @@
 DenseCLIP's language-guided backbone, built from parts:
 
     image -> bottom-up (image encoder) -> global and dense embeddings -> pixel-text score maps
-          -> score maps concatenated to the top bottom-up feature -> neck (FPN, SimpleFeaturePyramid)
+          -> score maps concatenated to one bottom-up feature (the top one by default) -> neck (FPN,
+          SimpleFeaturePyramid)
 
-The meta-architecture decides whether a detector is language-guided: the backbone builders of this
-package ask :func:`is_language_guided` and build the plain bottom-up + neck (the "CLIP" baselines)
-otherwise.
+The meta-architecture decides whether a model is language-guided (a DenseCLIP detector or semantic
+segmentor): the backbone builders of this package ask :func:`is_language_guided` and build the plain
+bottom-up + neck (the "CLIP" baselines) otherwise.
 """
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -21,10 +22,10 @@ __all__ = ["FeatureInput", "LanguageGuidedBackbone", "is_language_guided", "with
 
 
 def is_language_guided(cfg) -> bool:
-    """True when MODEL.META_ARCHITECTURE is a DenseCLIP detector (which reads score maps)."""
-    from ..meta_arch.denseclip import DenseCLIPDetector
+    """True when MODEL.META_ARCHITECTURE is a DenseCLIP model (which reads score maps)."""
+    from ..meta_arch.denseclip import DenseCLIPModel
 
-    return issubclass(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), DenseCLIPDetector)
+    return issubclass(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), DenseCLIPModel)
 
 
 class FeatureInput(Backbone):
@@ -49,15 +50,24 @@ class LanguageGuidedBackbone(Backbone):
     """
     A bottom-up image encoder (a Backbone with ``forward_with_embeddings``), the pixel-text score
     map, and a neck that reads the bottom-up features with the score map concatenated to
-    ``in_feature`` (the top one, e.g. res5: C + K channels).
+    ``in_feature`` (e.g. res5: C + K channels): divided by tau (``concat_with_tau``, the detection
+    release) or the plain cosine similarity (the segmentation release).
     """
 
-    def __init__(self, bottom_up: Backbone, score_map: PixelTextScoreMap, neck: Backbone, in_feature: str):
+    def __init__(
+        self,
+        bottom_up: Backbone,
+        score_map: PixelTextScoreMap,
+        neck: Backbone,
+        in_feature: str,
+        concat_with_tau: bool = True,
+    ):
         super().__init__()
         self.bottom_up = bottom_up
         self.score_map = score_map
         self.neck = neck
         self.in_feature = in_feature
+        self.concat_with_tau = concat_with_tau
 
     @property
     def class_names(self):
@@ -72,13 +82,15 @@ class LanguageGuidedBackbone(Backbone):
             vocabulary: names whose score map to return; None returns the training classes'. The
                 features always carry the training classes' score map.
         Returns:
-            the neck's features, and the B x K x h x w score map (float32) at the stride of
-            ``in_feature``.
+            the neck's features, and the B x K x h x w score map (cosine / tau, float32) at the
+            stride of ``in_feature``.
         """
         features, global_embedding, dense_embedding = self.bottom_up.forward_with_embeddings(images)
-        score_map = self.score_map(global_embedding, dense_embedding)
+        cosine = self.score_map.cosine(global_embedding, dense_embedding)
+        score_map = cosine / self.score_map.tau
         top = features[self.in_feature]
-        features[self.in_feature] = torch.cat([top, score_map.to(top.dtype)], dim=1)
+        concat = score_map if self.concat_with_tau else cosine
+        features[self.in_feature] = torch.cat([top, concat.to(top.dtype)], dim=1)
         if vocabulary is not None:
             score_map = self.score_map(global_embedding, dense_embedding, vocabulary)
         return self.neck(features), score_map
@@ -102,13 +114,20 @@ def with_language_guidance(cfg, bottom_up: Backbone, build_neck: Callable[[Backb
     """
     ``build_neck(bottom_up)`` for the CLIP baselines; for DenseCLIP meta-architectures, the
     LanguageGuidedBackbone whose neck is ``build_neck`` on the bottom-up's features, the score map
-    concatenated to the one of the largest stride.
+    concatenated to MODEL.DENSECLIP.SCORE_CONCAT_FEATURE (by default the one of the largest stride).
     """
     if not is_language_guided(cfg):
         return build_neck(bottom_up)
     score_map = PixelTextScoreMap(cfg)
     shapes = bottom_up.output_shape()
-    in_feature = max(shapes, key=lambda name: shapes[name].stride)
+    in_feature = cfg.MODEL.DENSECLIP.SCORE_CONCAT_FEATURE or max(shapes, key=lambda name: shapes[name].stride)
+    if in_feature not in shapes:
+        raise ValueError(
+            f"MODEL.DENSECLIP.SCORE_CONCAT_FEATURE {in_feature!r} is not a feature of the image encoder "
+            f"({', '.join(shapes)}). Name one of these, or leave it empty for the one of the largest stride."
+        )
     top = shapes[in_feature]
     shapes[in_feature] = ShapeSpec(channels=top.channels + len(score_map.class_names), stride=top.stride)
-    return LanguageGuidedBackbone(bottom_up, score_map, build_neck(FeatureInput(shapes)), in_feature)
+    return LanguageGuidedBackbone(
+        bottom_up, score_map, build_neck(FeatureInput(shapes)), in_feature, cfg.MODEL.DENSECLIP.SCORE_CONCAT_WITH_TAU
+    )

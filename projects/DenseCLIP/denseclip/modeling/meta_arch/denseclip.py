@@ -1,4 +1,4 @@
-"""What DenseCLIP adds to a Detectron2 detector, shared by its RetinaNet and R-CNN."""
+"""What DenseCLIP adds to a Detectron2 meta-architecture: shared by its detectors and its semantic segmentor."""
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -9,61 +9,60 @@ from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_pos
 from detectron2.structures import ImageList, Instances
 
 from ...data.class_names import parse_vocabulary
+from ...data.class_names import parse_vocabulary
 from ..backbone.language_guided import LanguageGuidedBackbone
 from ..score_map_loss import ScoreMapLoss
 from ..text_encoder import tokenize_class_names
 
-__all__ = ["DenseCLIPDetector"]
+__all__ = ["DenseCLIPDetector", "DenseCLIPModel"]
 
 
-class DenseCLIPDetector:
+class DenseCLIPModel:
     """
-    Mixed in before a Detectron2 meta-architecture (RetinaNet, GeneralizedRCNN) whose backbone is a
-    :class:`LanguageGuidedBackbone`. Provides what each DenseCLIP detector's forward uses:
-    :meth:`extract_features` (features and score map), :meth:`score_map_losses` (the auxiliary
-    loss) and :meth:`postprocess` (instances, and score maps on the image when asked).
+    Mixed in before a Detectron2 meta-architecture whose backbone is a :class:`LanguageGuidedBackbone`.
+    Provides :meth:`extract_features` (features and score map), the inference vocabulary, and
+    :meth:`score_maps_on_image`.
 
-    Inference returns, per image, ``{"instances": Instances}``, plus ``"score_maps"``: K x H x W
-    score-map logits on the original image, when ``return_score_maps`` (MODEL.DENSECLIP.RETURN_SCORE_MAPS)
-    is set. Their K names are ``score_map_names``: the detector's classes, or the ``vocabulary`` set
-    for inference (any names; the detector head keeps its own classes).
+    With ``return_score_maps`` (MODEL.DENSECLIP.RETURN_SCORE_MAPS) inference also returns, per image,
+    ``"score_maps"``: K x H x W score-map logits (cosine / tau) on the original image. Their K names
+    are ``score_map_names``: the model's classes, or the ``vocabulary`` set for inference (any names;
+    the head keeps its own classes).
     """
 
     #: The config key of the head's class count, for error messages.
     num_classes_key: str = ""
 
     @configurable
-    def __init__(self, *, score_map_loss: ScoreMapLoss, return_score_maps: bool, **kwargs):
+    def __init__(self, *, return_score_maps: bool, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(self.backbone, LanguageGuidedBackbone):
             raise ValueError(
                 f"MODEL.META_ARCHITECTURE {type(self).__name__} reads pixel-text score maps, but "
                 f"MODEL.BACKBONE.NAME builds a {type(self.backbone).__name__} without them. Use a backbone "
                 f"of this project (build_clip_fpn_backbone, build_retinanet_clip_fpn_backbone, ...), or "
-                f"a stock meta-architecture (GeneralizedRCNN, RetinaNet) for a model without language guidance."
+                f"a stock meta-architecture (GeneralizedRCNN, RetinaNet, SlidingWindowSemanticSegmentor) "
+                f"for a model without language guidance."
             )
         class_names = self.backbone.class_names
         if len(class_names) != self.num_classes:
             raise ValueError(
                 f"The text prompts have {len(class_names)} classes ({', '.join(class_names[:5])}"
-                f"{', ...' if len(class_names) > 5 else ''}) but the detector head has {self.num_classes} "
+                f"{', ...' if len(class_names) > 5 else ''}) but the head has {self.num_classes} "
                 f"({self.num_classes_key}). Set {self.num_classes_key} {len(class_names)} to match the "
                 f"dataset, or fix MODEL.DENSECLIP.CLASS_NAMES."
             )
-        self.score_map_loss = score_map_loss
         self.return_score_maps = return_score_maps
         self._vocabulary: Optional[List[str]] = None
 
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
-        ret["score_map_loss"] = ScoreMapLoss(cfg)
         ret["return_score_maps"] = cfg.MODEL.DENSECLIP.RETURN_SCORE_MAPS
         return ret
 
     @property
     def vocabulary(self) -> Optional[List[str]]:
-        """Names whose score maps inference returns; None for the detector's own classes."""
+        """Names whose score maps inference returns; None for the model's own classes."""
         return self._vocabulary
 
     @vocabulary.setter
@@ -84,6 +83,37 @@ class DenseCLIPDetector:
         vocabulary = None if self.training else self._vocabulary
         return self.backbone.forward_with_score_map(images.tensor, vocabulary)
 
+    @staticmethod
+    def score_maps_on_image(
+        score_map: torch.Tensor, padded_size: Tuple[int, int], image_size: Tuple[int, int], height: int, width: int
+    ) -> torch.Tensor:
+        """One image's K x h x w score map upsampled to the padded input, then cropped to ``image_size``
+        and resized to ``height`` x ``width`` like semantic outputs: K x height x width."""
+        logits = F.interpolate(score_map[None], size=padded_size, mode="bilinear", align_corners=False)[0]
+        return sem_seg_postprocess(logits, image_size, height, width)
+
+
+class DenseCLIPDetector(DenseCLIPModel):
+    """
+    Mixed in before a Detectron2 detector (RetinaNet, GeneralizedRCNN) whose backbone is a
+    :class:`LanguageGuidedBackbone`. Adds :meth:`score_map_losses` (the box-target auxiliary loss) and
+    :meth:`postprocess` (instances, and score maps on the image when asked).
+
+    Inference returns, per image, ``{"instances": Instances}``, plus ``"score_maps"`` when
+    ``return_score_maps`` is set (see :class:`DenseCLIPModel`).
+    """
+
+    @configurable
+    def __init__(self, *, score_map_loss: ScoreMapLoss, **kwargs):
+        super().__init__(**kwargs)
+        self.score_map_loss = score_map_loss
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ret["score_map_loss"] = ScoreMapLoss(cfg)
+        return ret
+
     def score_map_losses(
         self, score_map: torch.Tensor, gt_instances: List[Instances], images: ImageList
     ) -> Dict[str, torch.Tensor]:
@@ -99,9 +129,8 @@ class DenseCLIPDetector:
             height, width = inputs.get("height", image_size[0]), inputs.get("width", image_size[1])
             result = {"instances": detector_postprocess(inst, height, width)}
             if self.return_score_maps:
-                logits = F.interpolate(
-                    score_map[index : index + 1], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
-                )[0]
-                result["score_maps"] = sem_seg_postprocess(logits, image_size, height, width)
+                result["score_maps"] = self.score_maps_on_image(
+                    score_map[index], images.tensor.shape[-2:], image_size, height, width
+                )
             results.append(result)
         return results
