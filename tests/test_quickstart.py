@@ -97,8 +97,8 @@ def test_demo_vocabulary(quickstart_run, tmp_path):
                          "--vocabulary", "cat, dog,traffic cone", *weights])
     assert result.returncode == 0, result.stdout[-4000:]
     panel = cv2.imread(str(tmp_path / "vocabulary_score_maps.png"))
-    tile = 256  # the 128 px image drawn at 256 px, 4 tiles per row: image, cat, dog, traffic cone
-    assert panel.shape[:2] == (tile, 4 * tile)
+    tile = 256  # the 128 px image drawn at 256 px; one row of 4 tiles (image, cat, dog, traffic cone)
+    assert 4 * tile <= panel.shape[1] < 5 * tile and tile < panel.shape[0] < 2 * tile
 
 
 def test_demo_on_a_video(quickstart_run, tmp_path):

@@ -8,7 +8,7 @@ import torch
 
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-__all__ = ["draw_instances", "render_prediction", "score_map_panel"]
+__all__ = ["colour_bar", "draw_instances", "grid_columns", "render_prediction", "score_map_panel"]
 
 
 def draw_instances(
@@ -23,14 +23,54 @@ def draw_instances(
     return visualizer.draw_instance_predictions(instances).get_image()
 
 
-def _caption(tile: np.ndarray, text: str) -> np.ndarray:
-    tile = tile.copy()
-    scale = max(tile.shape[1] / 400, 0.4)
-    thickness = max(int(round(scale * 2)), 1)
-    (w, h), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
-    cv2.rectangle(tile, (0, 0), (w + 8, h + 10), (0, 0, 0), -1)
-    cv2.putText(tile, text, (4, h + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
-    return tile
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_BACKGROUND = 255  # the panel's page colour (white): between tiles, under captions and the colour bar
+_GAP = 4  # pixels between tiles
+_MIN_FONT_SCALE = 0.35  # below this OpenCV's font stops being legible; longer captions are shortened
+
+
+def _text_strip(text: str, width: int, height: int, suffix: str = "") -> np.ndarray:
+    """A white ``height`` x ``width`` RGB strip with ``text + suffix`` in black, scaled to fit its
+    width; where even the smallest legible size does not fit, ``text`` is shortened with '...'."""
+    strip = np.full((height, width, 3), _BACKGROUND, np.uint8)
+    thickness = 1
+    scale = 0.6 * height / cv2.getTextSize("Ag", _FONT, 1.0, thickness)[0][1]
+    fits = lambda text, scale: cv2.getTextSize(text, _FONT, scale, thickness)[0][0] <= width - 6  # noqa: E731
+    while not fits(text + suffix, scale) and scale > _MIN_FONT_SCALE:
+        scale = max(0.95 * scale, _MIN_FONT_SCALE)
+    while not fits(text + suffix, scale) and len(text) > 4:
+        text = text[: -4 if text.endswith("...") else -1].rstrip() + "..."
+    text += suffix
+    (_, text_height), _ = cv2.getTextSize(text, _FONT, scale, thickness)
+    cv2.putText(strip, text, (3, (height + text_height) // 2), _FONT, scale, (0, 0, 0), thickness, cv2.LINE_AA)
+    return strip
+
+
+def grid_columns(num_tiles: int, max_columns: int) -> int:
+    """Columns for ``num_tiles`` tiles: all in one row when they fit, else the count up to
+    ``max_columns`` that leaves the fewest empty places in the last row (the most columns among equals)."""
+    if num_tiles <= max_columns:
+        return num_tiles
+    return min(range(2, max_columns + 1), key=lambda c: (-num_tiles % c, -c))
+
+
+def colour_bar(width: int, height: int) -> np.ndarray:
+    """A white strip with the JET colour scale from probability 0 (left) to 1 (right) and its ticks."""
+    strip = np.full((height, width, 3), _BACKGROUND, np.uint8)
+    title = _text_strip("sigmoid(score)", width // 4, height // 2)
+    strip[: height // 2, : width // 4] = title
+    left, right = width // 4 + 8, width - 16
+    ramp = np.linspace(0, 255, right - left).round().astype(np.uint8)[None]
+    bar = cv2.cvtColor(cv2.applyColorMap(ramp, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    strip[4 : height // 2, left:right] = bar
+    scale = 0.45 * (height // 2) / cv2.getTextSize("0", _FONT, 1.0, 1)[0][1]
+    for value, label in ((0.0, "0"), (0.5, "0.5"), (1.0, "1")):
+        x = left + int(round(value * (right - left - 1)))
+        (w, h), _ = cv2.getTextSize(label, _FONT, scale, 1)
+        cv2.line(strip, (x, height // 2), (x, height // 2 + 3), (0, 0, 0), 1)
+        cv2.putText(strip, label, (min(max(x - w // 2, 0), width - w), height // 2 + 6 + h), _FONT, scale,
+                    (0, 0, 0), 1, cv2.LINE_AA)
+    return strip
 
 
 def score_map_panel(
@@ -41,30 +81,42 @@ def score_map_panel(
     columns: int = 4,
 ) -> np.ndarray:
     """
-    The image followed by one heatmap per class (JET colour map over the image), in a grid.
+    The image followed by one heatmap per name (JET colours over the image), each under its caption
+    (the name and the map's maximum), in a grid of at most ``columns`` columns chosen to leave the
+    fewest empty places, above a colour bar. Works for any K maps (detection classes, segmentation
+    classes, a vocabulary).
 
     Args:
         image_rgb: H x W x 3 uint8.
         probabilities: K x H x W in [0, 1].
+        class_names: K names.
     Returns:
-        RGB uint8 grid of (K + 1) tiles.
+        RGB uint8 picture. Tiles are the image enlarged so that its shorter side is at least
+        ``min_tile`` (labels stay legible on small images).
     """
+    if len(class_names) != len(probabilities):
+        raise ValueError(f"{len(probabilities)} score maps but {len(class_names)} names")
     height, width = image_rgb.shape[:2]
     scale = max(1.0, min_tile / min(height, width))
     size = (int(round(width * scale)), int(round(height * scale)))
     base = cv2.resize(image_rgb, size, interpolation=cv2.INTER_LINEAR)
-    tiles = [_caption(base, "image")]
+    tiles = [("image", "", base)]
     for name, probability in zip(class_names, probabilities.numpy()):
-        heat = cv2.resize((probability * 255).astype(np.uint8), size, interpolation=cv2.INTER_LINEAR)
+        heat = cv2.resize((probability * 255).round().astype(np.uint8), size, interpolation=cv2.INTER_LINEAR)
         heat = cv2.cvtColor(cv2.applyColorMap(heat, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-        tiles.append(_caption(cv2.addWeighted(base, 0.4, heat, 0.6, 0), f"{name} (max {probability.max():.2f})"))
-    columns = min(columns, len(tiles))
-    rows = -(-len(tiles) // columns)
-    blank = np.zeros_like(base)
-    tiles += [blank] * (rows * columns - len(tiles))
-    return np.concatenate(
-        [np.concatenate(tiles[r * columns : (r + 1) * columns], axis=1) for r in range(rows)], axis=0
-    )
+        tiles.append((name, f" (max {probability.max():.2f})", cv2.addWeighted(base, 0.4, heat, 0.6, 0)))
+    caption = max(18, size[0] // 10)
+    num_columns = grid_columns(len(tiles), columns)
+    num_rows = -(-len(tiles) // num_columns)
+    cell_w, cell_h = size[0] + _GAP, caption + size[1] + _GAP
+    bar_height = max(36, 2 * caption)
+    panel = np.full((num_rows * cell_h + bar_height, num_columns * cell_w - _GAP, 3), _BACKGROUND, np.uint8)
+    for index, (text, suffix, tile) in enumerate(tiles):
+        y, x = (index // num_columns) * cell_h, (index % num_columns) * cell_w
+        panel[y : y + caption, x : x + size[0]] = _text_strip(text, size[0], caption, suffix)
+        panel[y + caption : y + caption + size[1], x : x + size[0]] = tile
+    panel[num_rows * cell_h :] = colour_bar(panel.shape[1], bar_height)
+    return panel
 
 
 def render_prediction(

@@ -1,0 +1,62 @@
+"""The score-map picture: a grid without empty black tiles, the image unobstructed, a colour bar."""
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from denseclip.utils.visualization import grid_columns, score_map_panel
+
+# (tiles, at most this many columns): columns, by the rule "one row if they fit, else the fewest empty
+# places in the last row, then the most columns".
+GRIDS = [((1, 4), 1), ((4, 4), 4), ((6, 4), 3), ((8, 4), 4), ((5, 4), 3), ((7, 4), 4), ((81, 4), 3), ((151, 6), 4)]
+
+
+@pytest.mark.parametrize("given,columns", GRIDS)
+def test_grid_columns(given, columns):
+    assert grid_columns(*given) == columns
+
+
+JET = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[None], cv2.COLORMAP_JET)[0, :, ::-1].astype(int)  # RGB
+
+
+def jet_index(pixels):
+    """The JET colour-map entry nearest to each RGB pixel (N x 3) and its distance."""
+    distance = ((pixels[:, None, :].astype(int) - JET[None]) ** 2).sum(-1)
+    return distance.argmin(1), distance.min(1)
+
+
+def image_and_maps(num_maps, size=96):
+    image = np.full((size, size, 3), 60, np.uint8)
+    cv2.circle(image, (30, 40), 20, (230, 200, 40), -1)
+    cv2.rectangle(image, (55, 10), (90, 50), (40, 220, 90), -1)
+    probabilities = torch.rand(num_maps, size, size, generator=torch.Generator().manual_seed(0))
+    return image, probabilities
+
+
+@pytest.mark.parametrize("num_maps", [3, 5])
+def test_panel_has_no_black_tiles_shows_the_image_and_a_colour_bar(num_maps):
+    image, probabilities = image_and_maps(num_maps)
+    names = ["circle", "square", "a name much too long to fit above a small tile", "star", "ring"][:num_maps]
+    panel = score_map_panel(image, probabilities, names, min_tile=128)
+    # no empty black tile: no black square of half a tile anywhere
+    black = (panel.max(axis=2) == 0).astype(np.float32)
+    assert cv2.boxFilter(black, -1, (64, 64), normalize=True).max() < 1
+    # the image, enlarged to the tile size, appears whole: no caption drawn over it
+    tile = cv2.resize(image, (128, 128), interpolation=cv2.INTER_LINEAR)
+    x, y = cv2.minMaxLoc(cv2.matchTemplate(panel, tile, cv2.TM_SQDIFF))[2]
+    assert np.array_equal(panel[y : y + 128, x : x + 128], tile)
+    # a colour bar: a row with a run of 150+ pixels going through the JET colours from 0 to 1
+    for row in panel[-panel.shape[0] // 5 :]:
+        index, distance = jet_index(row)
+        on_scale = np.flatnonzero(distance < 30)
+        if len(on_scale) > 150 and np.all(np.diff(index[on_scale]) >= 0):
+            assert index[on_scale[0]] <= 5 and index[on_scale[-1]] >= 250
+            break
+    else:
+        pytest.fail("no colour bar below the tiles")
+
+
+def test_names_and_maps_must_match():
+    image, probabilities = image_and_maps(3)
+    with pytest.raises(ValueError, match="3 score maps but 2 names"):
+        score_map_panel(image, probabilities, ["a", "b"])
