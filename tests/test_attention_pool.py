@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from denseclip.modeling.backbone import dense_attention_pool, resize_positional_grid
 
@@ -49,19 +50,40 @@ def test_smaller_feature_map_uses_top_left_of_grid():
     torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_feature_map_larger_than_grid_interpolates():
-    model = tiny_resnet()  # 2 x 2 grid, 5 x 3 feature map
-    image = torch.randn(1, 3, 160, 96)
+def bilinear_grid(positional_embedding, side, height, width):
+    """The spatial rows of a (1 + side^2) x C embedding as a 1 x C x side x side map, resized with
+    F.interpolate (bilinear, align_corners False: the release's call), back to (height * width) x C."""
+    grid = positional_embedding[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
+    return grid[0].permute(1, 2, 0).reshape(height * width, -1)
+
+
+@pytest.mark.parametrize(
+    "size, resized",
+    [((5, 3), (5, 3)), ((3, 1), (3, 2)), ((1, 4), (2, 4))],
+    ids=["both-sides-larger", "taller-narrower", "shorter-wider"],
+)
+def test_feature_map_larger_than_grid_interpolates(size, resized):
+    """A side larger than the 2 x 2 grid: the grid is resized bilinearly to max(side, grid) on each
+    axis, then its top-left part of the feature map's size is used (the release's rule where it fits)."""
+    model = tiny_resnet()
+    pool = model.attnpool
+    res5 = torch.randn(1, 256, *size)
+    grid = bilinear_grid(pool.positional_embedding.detach(), 2, *resized).reshape(*resized, -1)
+    positions = torch.cat([pool.positional_embedding[:1], grid[: size[0], : size[1]].reshape(size[0] * size[1], -1)])
     with torch.no_grad():
-        res5 = model(image)["res5"]
-        _, dense = dense_attention_pool(model.attnpool, res5)
-    assert res5.shape[-2:] == (5, 3) and dense.shape == (1, 32, 5, 3)
-    assert torch.isfinite(dense).all()
-    # Both sides exceed the grid: it is interpolated to 5 x 3 and used whole.
-    grid = resize_positional_grid(model.attnpool.positional_embedding, (5, 3))
-    with torch.no_grad():
-        _, expected = direct_attention_pool(model.attnpool, res5, grid)
+        _, dense = dense_attention_pool(pool, res5)
+        _, expected = direct_attention_pool(pool, res5, positions)
+    assert dense.shape == (1, 32, *size)
     torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_resize_positional_grid_is_bilinear_and_keeps_the_class_position():
+    pool = torch.randn(1 + 3 * 3, 8)
+    for size in ((3, 3), (7, 5), (2, 6)):
+        resized = resize_positional_grid(pool, size)
+        torch.testing.assert_close(resized[0], pool[0], rtol=0, atol=0)
+        torch.testing.assert_close(resized[1:], bilinear_grid(pool, 3, *size))
 
 
 def test_attention_pooled_backbone_pools_the_top_feature():

@@ -2,10 +2,12 @@
 weights, drop path, the four COCO configs and training the detectors on it."""
 import copy
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
 
 from detectron2.config import get_cfg
@@ -115,13 +117,23 @@ def test_vit_b16_loaded_through_model_weights_equals_open_clip(
 
 
 def test_vit_b16_non_square_inputs(vit_b16_backbone):
-    """Any input larger than the pretraining grid: the positional grid is resized on the fly."""
+    """An input taller and narrower than the pretraining grid: the embeddings are those of open_clip's
+    ViT-B/16 (the same weights) with its 14 x 14 grid resized bilinearly to 16 x 12."""
     encoder = vit_b16_backbone.bottom_up
+    with torch.device("meta"):  # no initialisation: the weights are the encoder's
+        reference = VisionTransformer(
+            image_size=224, patch_size=16, width=768, layers=12, heads=12, mlp_ratio=4.0, output_dim=512,
+            act_layer=QuickGELU,
+        )
+    reference.load_state_dict(encoder.state_dict(), assign=True)
+    reference = open_clip_at(SimpleNamespace(visual=reference, encode_image=reference), 16, 12)
+    images = torch.randn(1, 3, 256, 192, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        features, global_embedding, dense = encoder.forward_with_embeddings(torch.randn(1, 3, 320, 480))
-    assert features["last_feat"].shape == (1, 768, 20, 30)
-    assert dense.shape == (1, 512, 20, 30) and global_embedding.shape == (1, 512)
-    assert torch.isfinite(dense).all()
+        expected_global, expected_tokens = open_clip_embeddings(reference, images)
+        features, global_embedding, dense = encoder.forward_with_embeddings(images)
+    assert features["last_feat"].shape == (1, 768, 16, 12)
+    assert relative_error(global_embedding, expected_global) <= 1e-5
+    assert relative_error(dense, as_map(expected_tokens, 16, 12)) <= 1e-5
     assert encoder.output_shape() == {"last_feat": ShapeSpec(channels=768, stride=16)}
 
 

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from detectron2.layers import ShapeSpec
@@ -62,9 +63,13 @@ def test_positional_grid_interpolated_to_configured_resolution(open_clip_rn50, r
     backbone = rn50_backbone(input_resolution=1344)
     with caplog.at_level("INFO"):
         DenseCLIPCheckpointer(backbone).load(rn50_checkpoints["state_dict"])
-    grid = backbone.bottom_up.attnpool.positional_embedding
+    grid = backbone.bottom_up.attnpool.positional_embedding.detach()
     assert grid.shape == (42 * 42 + 1, 2048)
-    torch.testing.assert_close(grid[0], open_clip_rn50.visual.attnpool.positional_embedding[0])
+    # The release's rule at load time: CLIP's 7 x 7 grid resized with F.interpolate (bilinear), class row kept.
+    clip_grid = open_clip_rn50.visual.attnpool.positional_embedding.detach()
+    expected = F.interpolate(clip_grid[1:].reshape(1, 7, 7, 2048).permute(0, 3, 1, 2), size=(42, 42), mode="bilinear")
+    torch.testing.assert_close(grid[0], clip_grid[0], rtol=0, atol=0)
+    torch.testing.assert_close(grid[1:], expected[0].permute(1, 2, 0).reshape(42 * 42, 2048))
     assert "interpolated 7x7 -> 42x42" in caplog.text
     assert "keep their fresh initialisation, as intended" in caplog.text
 
