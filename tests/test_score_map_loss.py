@@ -23,35 +23,28 @@ def bce(logit, target):
     return -(target * math.log(p) + (1 - target) * math.log(1 - p))
 
 
-def release_cells(box, height, width, stride=4):
-    """The release's rule, written down: cells floor(x1/s) .. floor(x2/s) - 1 (likewise y), each bound
-    clamped to 0 .. size - 1 first."""
-    x1, y1, x2, y2 = (int(math.floor(v / stride)) for v in box)
-    x1, x2 = (min(max(v, 0), width - 1) for v in (x1, x2))
-    y1, y2 = (min(max(v, 0), height - 1) for v in (y1, y2))
-    return {(y, x) for y in range(y1, y2) for x in range(x1, x2)}
-
-
 def cells_of(targets):
     return {tuple(i) for i in targets.nonzero().tolist()}
 
 
+# The release's rule (cells floor(x1 / 4) .. floor(x2 / 4) - 1, likewise in y, each bound clamped to
+# 0 .. 7 first) worked by hand on an 8 x 8 grid of 4 px cells: (box, covered rows, covered columns).
 @pytest.mark.parametrize(
-    "box",
+    "box, rows, cols",
     [
-        [0, 0, 8, 8],  # aligned with the grid: cells 0..1
-        [5, 5, 7, 7],  # inside one cell: covers none
-        [3, 1, 9, 6],  # spanning cells, unaligned
-        [6.5, 2.2, 13.9, 30.1],  # fractional corners
-        [20, 24, 32, 32],  # at the right and bottom border: the last row and column are clamped out
-        [0, 0, 32, 32],  # the whole image
-        [29, 0, 32, 3],  # in the corner cell
+        ([0, 0, 8, 8], range(0, 2), range(0, 2)),  # aligned with the grid: x 0/4=0 .. 8/4=2
+        ([5, 5, 7, 7], range(0), range(0)),  # inside cell (1, 1): floor 1 .. 1, covers none
+        ([3, 1, 9, 6], range(0, 1), range(0, 2)),  # x 0 .. 2, y 0 .. 1
+        ([6.5, 2.2, 13.9, 30.1], range(0, 7), range(1, 3)),  # x 1 .. 3, y 0 .. 7
+        ([20, 24, 32, 32], range(6, 7), range(5, 7)),  # x 5 .. 8->7, y 6 .. 8->7: last row/column out
+        ([0, 0, 32, 32], range(0, 7), range(0, 7)),  # the whole image: 7 x 7 cells
+        ([29, 0, 32, 3], range(0), range(0)),  # x 7 .. 8->7, y 0 .. 0: none
     ],
 )
-def test_box_targets_follow_the_release_rule(box):
+def test_box_targets_follow_the_release_rule(box, rows, cols):
     inst = instances([box], [1])
     targets, covered = score_map_targets([inst], num_classes=2, height=8, width=8, stride=4, target="box")
-    expected = release_cells(box, 8, 8)
+    expected = {(y, x) for y in rows for x in cols}
     assert cells_of(targets[0, 1]) == expected
     assert cells_of(targets[0, 0]) == set()
     assert cells_of(covered[0, 0]) == expected
