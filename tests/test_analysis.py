@@ -20,7 +20,7 @@ from denseclip import get_denseclip_cfg
 from denseclip.modeling.backbone import dense_attention_pool
 from denseclip.utils.analysis import IGNORED_OPS, FlopReport, count_flops, parameter_split
 
-from helpers import REPO, load_script, tiny_detector_cfg
+from helpers import REPO, count_parameters, load_script, tiny_detector_cfg
 
 TINY_MASK_RCNN = os.path.join(REPO, "configs/Shapes-InstanceSegmentation/mask_rcnn_denseclip_tiny_FPN.yaml")
 TEXT_ENCODER = "backbone.score_map.text_encoder"
@@ -177,10 +177,18 @@ def test_rcnn_dummy_workload_scales_with_boxes(mask_rcnn):
 
 
 def test_parameter_split(mask_rcnn):
-    split = parameter_split(mask_rcnn)
-    text = sum(p.numel() for n, p in mask_rcnn.named_parameters() if "text_encoder." in n and not n.endswith("contexts"))
-    assert split["text_encoder"] == text > 0
-    assert split["inference"] + split["text_encoder"] == sum(p.numel() for p in mask_rcnn.parameters())
+    """The frozen text encoder in closed form (CLIP's text transformer of the tiny config: width 64,
+    2 layers, 13 positions, projection to 64); inference is every other module, the contexts included."""
+    width, layers, embed = 64, 2, 64
+    block = 2 * (2 * width) + (3 * width * width + 3 * width) + (width * width + width)  # ln_1, ln_2, attention
+    block += (width * 4 * width + 4 * width) + (4 * width * width + width)  # MLP
+    text = 49408 * width + 13 * width + layers * block + 2 * width + width * embed
+    backbone = mask_rcnn.backbone
+    inference = sum(count_parameters(m) for m in (
+        backbone.bottom_up, backbone.neck, backbone.score_map.context_decoder, mask_rcnn.proposal_generator,
+        mask_rcnn.roi_heads,
+    )) + backbone.score_map.gamma.numel() + backbone.score_map.text_encoder.contexts.numel()
+    assert parameter_split(mask_rcnn) == {"inference": inference, "text_encoder": text}
 
 
 def test_analyze_model_table_and_summary_count_the_same(mask_rcnn, capsys):
