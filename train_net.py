@@ -34,7 +34,10 @@ def main(args):
         model = DenseCLIPTrainer.build_model(cfg)
         checkpointer = DenseCLIPCheckpointer(model, cfg.OUTPUT_DIR, text_weights=cfg.MODEL.DENSECLIP.TEXT_WEIGHTS)
         checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        return DenseCLIPTrainer.test(cfg, model)
+        results = DenseCLIPTrainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:  # multi-scale + flip test of semantic segmentors
+            results.update(DenseCLIPTrainer.test_with_TTA(cfg, model))
+        return results
     trainer = DenseCLIPTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()

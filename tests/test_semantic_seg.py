@@ -297,3 +297,39 @@ def test_wrong_concat_feature_and_loss_rule_are_clear_errors():
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 4
     with pytest.raises(ValueError, match="MODEL.SEM_SEG_HEAD.NUM_CLASSES 3"):
         build_model(cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-scale + flip test
+# ------------------------------------------------------------------------------------------------
+def test_multi_scale_flip_test_averages_probabilities_on_the_original_image():
+    """The release: for each scale ratio r, resize to r x (512 shorter side, 2048 longest), run, resize
+    the logits to the original image, softmax; with flip also the mirrored image, its probabilities
+    mirrored back; the probabilities averaged."""
+    from denseclip.modeling.test_time_augmentation import SemanticSegmentorWithTTA
+
+    cfg = tiny_sem_seg_cfg()
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 512, 2048
+    cfg.TEST.AUG.SCALE_RATIOS, cfg.TEST.AUG.FLIP = [0.5, 1.0], True
+    seen = []
+
+    class KnownModel(torch.nn.Module):
+        """Class 0's logit: the image's first channel (a ramp), resized to the original size; class 1: 0."""
+
+        def forward(self, inputs):
+            (x,) = inputs
+            seen.append(tuple(x["image"].shape[-2:]))
+            ramp = F.interpolate(x["image"][None, :1].float(), size=(x["height"], x["width"]), mode="bilinear")[0]
+            return [{"sem_seg": torch.cat([ramp, torch.zeros_like(ramp)])}]
+
+    height, width = 100, 300
+    ramp = torch.linspace(0, 6, width).expand(3, height, width)
+    outputs = SemanticSegmentorWithTTA(cfg, KnownModel())([{"image": ramp, "height": height, "width": width}])
+    # Scales: shorter side 256 (longest 1024) and 512 (longest 2048, which caps 100 x 300 at 512 x 1536).
+    assert seen == [(256, 768), (256, 768), (512, 1536), (512, 1536)]
+    probabilities = outputs[0]["sem_seg"]
+    assert probabilities.shape == (2, height, width)
+    # Mirrored back, every run gives about the unmirrored ramp: class 0's probability rises left to right.
+    expected = torch.sigmoid(torch.linspace(0, 6, width))
+    assert torch.allclose(probabilities[0, 50], expected, atol=0.02)
+    assert torch.allclose(probabilities.sum(0), torch.ones(height, width), atol=1e-5)

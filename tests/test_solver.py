@@ -92,3 +92,74 @@ def test_full_model_gradient_clipping():
     step = torch.cat([p.detach() for p in params]).neg()
     assert step.norm().item() == pytest.approx(0.1, rel=1e-5)
     torch.testing.assert_close(step[:3], torch.full((3,), 3.0 * 0.1 / total))
+
+
+# ------------------------------------------------------------------------------------------------
+# Semantic segmentation: the release's (MMSegmentation's) optimizer groups and poly schedule
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("vit", [False, True])
+def test_semantic_segmentation_parameter_groups(vit):
+    """The release's mmcv rule: backbone (its ViT pyramid included) at 0.1 x lr; no weight decay only
+    where a name of the release's model contains "norm": the context decoder's norm1-3, not the head's
+    BatchNorms (named bn there, decayed)."""
+    from helpers import tiny_sem_seg_cfg
+
+    cfg = tiny_sem_seg_cfg(vit=vit)
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    base, decay = cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY
+    bottom_up = model.backbone.bottom_up
+    layer = model.backbone.score_map.context_decoder.layers[0]
+    head_norm = model.sem_seg_head.scale_heads[0][0].norm
+    expected = [
+        (head_norm.weight, base, decay),
+        (model.sem_seg_head.predictor.weight, base, decay),
+        (layer.norm1.weight, base, 0.0),
+        (layer.norm3.bias, base, 0.0),
+        (model.backbone.score_map.context_decoder.memory_proj[0].weight, base, decay),
+        (model.backbone.neck.fpn_lateral5.weight, base, decay),
+    ]
+    if vit:
+        expected += [(bottom_up.fpn1[1].weight, 0.1 * base, decay), (bottom_up.fpn3.weight, 0.1 * base, decay),
+                     (bottom_up.vit.ln_pre.weight, 0.1 * base, decay)]
+    else:
+        expected += [(bottom_up.bn1.weight, 0.1 * base, decay), (bottom_up.attnpool.q_proj.weight, 0.1 * base, decay)]
+    for param, lr, weight_decay in expected:
+        group = group_of(optimizer, param)
+        assert (group["lr"], group["weight_decay"]) == (pytest.approx(lr), pytest.approx(weight_decay))
+    text = model.backbone.score_map.text_encoder
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert id(text.token_embedding.weight) not in in_optimizer and id(text.contexts) in in_optimizer
+
+
+def test_poly_schedule_with_linear_warmup():
+    """MMCV's poly with min_lr: lr(i) = (lr0 - min) (1 - i / N)^0.9 + min after warm-up; the warm-up
+    rises linearly from 1e-6 x lr0 to the poly value at its end (Detectron2's WarmupParamScheduler; MMCV
+    scales poly(i) by the rising factor instead, within 1% of this over the 1500 iterations)."""
+    from denseclip.solver import build_lr_scheduler
+    from helpers import tiny_sem_seg_cfg
+
+    cfg = tiny_sem_seg_cfg()
+    cfg.SOLVER.MAX_ITER, cfg.SOLVER.BACKBONE_MULTIPLIER = 80000, 0.1
+    lr0, low, total, warmup = 1e-4, 1e-6, 80000, 1500
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_lr_scheduler(cfg, optimizer)
+
+    def poly(i):
+        return (lr0 - low) * (1 - i / total) ** 0.9 + low
+
+    for i in (0, 750, 1499, 1500, 1501, 20000, 40000, 79999):
+        expected = 1e-6 * lr0 + i / warmup * (poly(warmup) - 1e-6 * lr0) if i < warmup else poly(i)
+        assert lr0 * scheduler._multiplier(i / total) == pytest.approx(expected, rel=1e-6), i
+        if 0 < i < warmup:
+            release = poly(i) * (1e-6 + (1 - 1e-6) * i / warmup)
+            assert expected == pytest.approx(release, rel=0.01)
+    # The scheduler sets every group's lr: the image encoder's at 0.1 x.
+    image_group = group_of(optimizer, model.backbone.bottom_up.bn1.weight)
+    head_group = group_of(optimizer, model.sem_seg_head.predictor.weight)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    assert head_group["lr"] == pytest.approx(1e-6 * lr0 + 3 / warmup * (poly(warmup) - 1e-6 * lr0), rel=1e-6)
+    assert image_group["lr"] == pytest.approx(0.1 * head_group["lr"], rel=1e-6)
