@@ -9,7 +9,6 @@ from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_pos
 from detectron2.structures import ImageList, Instances
 
 from ...data.class_names import parse_vocabulary
-from ...data.class_names import parse_vocabulary
 from ..backbone.language_guided import LanguageGuidedBackbone
 from ..score_map_loss import ScoreMapLoss
 from ..text_encoder import tokenize_class_names
