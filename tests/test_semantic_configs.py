@@ -9,9 +9,12 @@ import os
 import pytest
 import torch
 
+import detectron2.data.transforms as T
 from detectron2.modeling import META_ARCH_REGISTRY
 
 from denseclip import get_denseclip_cfg
+from denseclip.data import SemSegDatasetMapper
+from denseclip.data.transforms import PhotometricDistortion, RandomScaleResize
 
 from helpers import REPO, conv, inference_parameters, score_map_parameters
 
@@ -142,6 +145,18 @@ def test_release_recipe(name):
     assert cfg.TEST.SEM_SEG.MODE == "slide" and tuple(cfg.TEST.SEM_SEG.CROP_SIZE) == crop
     assert tuple(cfg.TEST.SEM_SEG.STRIDE) == stride
     assert cfg.INPUT.MIN_SIZE_TEST == short and cfg.INPUT.MAX_SIZE_TEST == 2048
+    # the training pipeline as the mapper builds it: resize to (2048, 512 or 640) x 0.5-2.0, crops with
+    # at most 75% of one class (255 not counted), flip 0.5, photometric distortion 32 / 0.5-1.5 / 0.5-1.5 / 18
+    resize, category_crop, flip, distortion = SemSegDatasetMapper(cfg, is_train=True).augmentations.augs
+    assert isinstance(resize, RandomScaleResize)
+    assert tuple(resize.scale) == (2048, short) and tuple(resize.ratio_range) == (0.5, 2.0)
+    assert isinstance(category_crop, T.RandomCrop_CategoryAreaConstraint)
+    assert category_crop.crop_aug.crop_type == "absolute" and tuple(category_crop.crop_aug.crop_size) == crop
+    assert category_crop.single_category_max_area == 0.75 and category_crop.ignored_category == 255
+    assert isinstance(flip, T.RandomFlip) and flip.horizontal and not flip.vertical and flip.prob == 0.5
+    assert isinstance(distortion, PhotometricDistortion) and distortion.image_format == cfg.INPUT.FORMAT
+    assert (distortion.brightness_delta, tuple(distortion.contrast_range), tuple(distortion.saturation_range),
+            distortion.hue_delta) == (32, (0.5, 1.5), (0.5, 1.5), 18)
     assert cfg.TEST.AUG.SCALE_RATIOS == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] and cfg.TEST.AUG.FLIP
     solver = cfg.SOLVER
     assert (solver.OPTIMIZER, solver.BASE_LR, solver.WEIGHT_DECAY, solver.BACKBONE_MULTIPLIER) == ("ADAMW", 1e-4, 1e-4, 0.1)
