@@ -333,3 +333,28 @@ def test_multi_scale_flip_test_averages_probabilities_on_the_original_image():
     expected = torch.sigmoid(torch.linspace(0, 6, width))
     assert torch.allclose(probabilities[0, 50], expected, atol=0.02)
     assert torch.allclose(probabilities.sum(0), torch.ones(height, width), atol=1e-5)
+
+
+def test_vit_pyramid_model_loads_clip_weights_with_the_grid_resized(tmp_path):
+    """CLIP's ViT weights go to the pyramid's transformer (the pyramid levels are new), the 4 x 4
+    positional grid interpolated bilinearly to the config's 8 x 8 (INPUT_RESOLUTION 128) at load."""
+    from denseclip.checkpoint import DenseCLIPCheckpointer
+    from helpers import tiny_open_clip_vit
+
+    clip = tiny_open_clip_vit(layers=4)
+    path = tmp_path / "tiny_vit.pt"
+    torch.save(clip.state_dict(), path)
+    cfg = tiny_sem_seg_cfg(vit=True)
+    cfg.MODEL.CLIP.INPUT_RESOLUTION = 128
+    model = build_model(cfg).eval()
+    DenseCLIPCheckpointer(model).load(str(path))
+    vit = model.backbone.bottom_up.vit
+    torch.testing.assert_close(vit.conv1.weight, clip.visual.conv1.weight)
+    torch.testing.assert_close(vit.transformer.resblocks[3].mlp.c_fc.weight, clip.visual.transformer.resblocks[3].mlp.c_fc.weight)
+    grid = clip.visual.positional_embedding[1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(8, 8), mode="bilinear", align_corners=False).flatten(2)[0].T
+    torch.testing.assert_close(vit.positional_embedding, torch.cat([clip.visual.positional_embedding[:1], grid]))
+    text = model.backbone.score_map.text_encoder
+    torch.testing.assert_close(text.token_embedding.weight, clip.token_embedding.weight)
+    with torch.no_grad():
+        assert model([{"image": torch.rand(3, 64, 96) * 255}])[0]["sem_seg"].shape == (K, 64, 96)
