@@ -21,7 +21,7 @@ D2_REQUIREMENTS="Pillow matplotlib pycocotools termcolor yacs tabulate cloudpick
 fvcore>=0.1.5,<0.1.6 iopath>=0.1.7,<0.1.10 omegaconf>=2.1,<2.4 hydra-core packaging setuptools<81"
 
 stamp_inputs() {
-  cat "$ROOT/scripts/setup_env.sh" "$ROOT/setup.py"
+  cat "$ROOT/scripts/setup_env.sh" "$ROOT/scripts/extract_detectron2.py" "$ROOT/setup.py"
 }
 STAMP="$VENV/.denseclip-setup"
 WANT="$(stamp_inputs | sha256sum | cut -d' ' -f1)"
@@ -53,19 +53,7 @@ else
       --python-version 3.10 --platform manylinux2014_x86_64 -d "$CACHE" sal-detectron2==0.7.2
   fi
   echo "$D2_SHA256  $CACHE/$D2_WHEEL" | sha256sum -c --quiet -
-  # Extract only the detectron2/ package: not the wheel's stray top-level tools/, and not its
-  # _C extension, which is built for CPython 3.10 only (torchvision provides the ops we use).
-  "$PY" - "$CACHE/$D2_WHEEL" <<'PYEOF'
-import sys, sysconfig, zipfile
-site = sysconfig.get_paths()["purelib"]
-with zipfile.ZipFile(sys.argv[1]) as wheel:
-    members = [
-        name for name in wheel.namelist()
-        if name.startswith("detectron2/") and not name.split("/")[-1].startswith("_C.")
-    ]
-    wheel.extractall(site, members)
-print(f"[setup] extracted {len(members)} files of detectron2/ into {site}")
-PYEOF
+  "$PY" "$ROOT/scripts/extract_detectron2.py" "$CACHE/$D2_WHEEL"
   "$PY" -c "import detectron2; print('[setup] detectron2', detectron2.__version__)"
 fi
 

@@ -249,13 +249,44 @@ BENCHMARK_ARGS = ["--config-file", TINY_MASK_RCNN, "--warmup", "1", "--iteration
                   "--threads", "1"]
 
 
+def table_rows(printed: str) -> dict:
+    """The benchmark's table: {model: [numbers of its row]} (None for "OOM")."""
+    rows = {}
+    for line in printed.splitlines():
+        cells = line.split()
+        if len(cells) >= 4 and cells[0] in ("baseline", "denseclip", "denseclip_uncached", "detectron2"):
+            rows[cells[0]] = [None if c == "OOM" else float(c) for c in cells[1:]]
+    return rows
+
+
 @pytest.mark.slow
 def test_benchmark_inference_smoke(benchmark_main, capsys):
     benchmark_main(BENCHMARK_ARGS + ["--task", "inference"])
     printed = capsys.readouterr().out
-    assert "baseline: the same config, GeneralizedRCNN" in printed
-    ratios = [float(r) for r in re.findall(r"ratio to CLIP ([0-9.]+)", printed)]
-    assert len(ratios) == 2 and all(positive_finite(r) for r in ratios), printed
+    assert "baseline (CLIP): the same config, GeneralizedRCNN" in printed
+    rows = table_rows(printed)
+    assert set(rows) == {"baseline", "denseclip", "denseclip_uncached"}
+    assert all(positive_finite(value) for row in rows.values() for value in row), printed
+
+
+def test_benchmark_table_beside_detectron2_at_a_tiny_size(benchmark_main, capsys):
+    """Each row: seconds per batch of 2, images per second, and the ratios to the CLIP baseline and
+    to Detectron2's own RetinaNet R50-FPN, which are the rows' seconds divided."""
+    config = os.path.join(REPO, "configs/Shapes-Detection/retinanet_denseclip_tiny_FPN.yaml")
+    benchmark_main(["--config-file", config, "--detectron2", "--warmup", "0", "--iterations", "1",
+                    "--input-size", "64", "64", "--batch-size", "2", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0].startswith("inference of 2 x 64 x 64 on cpu, float32, 1 CPU threads")
+    assert "detectron2: COCO-Detection/retinanet_R_50_FPN_1x.yaml, random weights" in printed
+    rows = table_rows(printed)
+    assert set(rows) == {"baseline", "denseclip", "denseclip_uncached", "detectron2"}
+    seconds = {name: row[0] for name, row in rows.items()}
+    for name, (second, images, to_clip, to_d2) in rows.items():
+        assert second > 0
+        assert images == pytest.approx(2 / second, rel=0.01, abs=0.01)
+        assert to_clip == pytest.approx(second / seconds["baseline"], rel=0.01, abs=0.002)
+        assert to_d2 == pytest.approx(second / seconds["detectron2"], rel=0.01, abs=0.002)
+    assert rows["baseline"][2] == rows["detectron2"][3] == 1.0
 
 
 @pytest.mark.slow
