@@ -163,3 +163,35 @@ def test_poly_schedule_with_linear_warmup():
         scheduler.step()
     assert head_group["lr"] == pytest.approx(1e-6 * lr0 + 3 / warmup * (poly(warmup) - 1e-6 * lr0), rel=1e-6)
     assert image_group["lr"] == pytest.approx(0.1 * head_group["lr"], rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ADAMW", "SGD"])
+def test_multi_tensor_updates_equal_torchs_per_tensor_loop(name):
+    """Three steps of the project's optimizer (foreach kernels) against torch's own optimizer over
+    the same parameter groups with its per-tensor loop (foreach=False): the same weights, bit for bit."""
+    cfg = tiny_detector_cfg("mask_rcnn")
+    cfg.SOLVER.OPTIMIZER, cfg.SOLVER.MOMENTUM = name, 0.9
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False
+    torch.manual_seed(0)
+    ours, reference = build_model(cfg), build_model(cfg)
+    reference.load_state_dict(ours.state_dict())
+    optimizer = build_optimizer(cfg, ours)
+    assert all(group["foreach"] for group in optimizer.param_groups)
+    index = {id(p): i for i, p in enumerate(ours.parameters())}
+    reference_params = list(reference.parameters())
+    groups = [{**{k: v for k, v in group.items() if k != "foreach"},
+               "params": [reference_params[index[id(p)]] for p in group["params"]], "foreach": False}
+              for group in optimizer.param_groups]
+    torch_optimizer = (torch.optim.AdamW if name == "ADAMW" else torch.optim.SGD)(groups, lr=cfg.SOLVER.BASE_LR)
+    start = [p.detach().clone() for p in ours.parameters()]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p, q in zip(ours.parameters(), reference_params):
+            if p.requires_grad:
+                p.grad = torch.randn(p.shape, generator=generator)
+                q.grad = p.grad.clone()
+        optimizer.step()
+        torch_optimizer.step()
+    assert sum(not torch.equal(p, s) for p, s in zip(ours.parameters(), start)) > 50  # the steps moved them
+    for (param_name, p), q in zip(ours.named_parameters(), reference_params):
+        assert torch.equal(p, q), param_name

@@ -20,6 +20,8 @@ train: median seconds per optimizer step on a batch (default 2 images) with rand
     of allocated memory on GPU, once model, optimizer and batch are built).
 --amp: autocast, float16 on a GPU (training with a gradient scaler, as Detectron2's AMPTrainer),
     bfloat16 on a CPU. On a GPU the timed region is bracketed by torch.cuda.synchronize().
+--clock process: the process's CPU seconds instead of elapsed time (CPU only); with --threads 1 they
+    do not depend on what else the machine runs.
 Runs of the models are interleaved, so drifts of the machine's speed fall on all alike. A model that
 runs out of GPU memory is reported as such and the others go on.
 """
@@ -63,6 +65,9 @@ def parse_args(argv=None):
     parser.add_argument("--detectron2", action="store_true", help="also Detectron2's own R50-FPN detector")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=("wall", "process"), default="wall",
+                        help="process: CPU seconds of this process instead of elapsed time (CPU only; with "
+                             "--threads 1 it does not depend on what else the machine runs)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
     parser.add_argument("--json-out", default="", help="also append the result as one JSON line to this file")
     # Internal: measure one model's training memory in this (fresh) process.
@@ -195,6 +200,9 @@ def step_of(task: str, cfg, model, args):
 def interleaved_medians(steps: dict, args) -> dict:
     """Median seconds per run of each step, runs interleaved; None for a model out of GPU memory."""
     cuda = torch.device(args.device).type == "cuda"
+    if cuda and args.clock == "process":
+        raise ValueError("--clock process measures CPU time; on a GPU use --clock wall")
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     times = {name: [] for name in steps}
     failed = set()
     names = list(steps)
@@ -205,7 +213,7 @@ def interleaved_medians(steps: dict, args) -> dict:
                 continue
             if cuda:
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start = clock()
             try:
                 steps[name]()
                 if cuda:
@@ -215,7 +223,7 @@ def interleaved_medians(steps: dict, args) -> dict:
                 torch.cuda.empty_cache()
                 continue
             if round_index >= args.warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     return {name: None if name in failed else statistics.median(t) for name, t in times.items()}
 
 
@@ -278,6 +286,7 @@ def main(argv=None) -> dict:
             "input_size": list(args.input_size),
             "batch_size": args.batch_size,
             "threads": torch.get_num_threads(),
+            "clock": args.clock,
             "iterations": args.iterations,
             "seconds": seconds,
             "images_per_second": {n: args.batch_size / s if s else None for n, s in seconds.items()},
@@ -321,7 +330,8 @@ def print_table(result: dict, args) -> None:
     height, width = result["input_size"]
     print(
         f"{args.task} of {result['batch_size']} x {height} x {width} on {result['device']}, {result['precision']}, "
-        f"{result['threads']} CPU threads, median of {args.iterations} interleaved runs; baseline (CLIP): "
+        f"{result['threads']} CPU threads, median of {args.iterations} interleaved runs"
+        f"{' (process CPU time)' if args.clock == 'process' else ''}; baseline (CLIP): "
         f"{result['baseline']}" + (f"; detectron2: {result['detectron2']}, random weights" if args.detectron2 else "")
     )
     train = args.task == "train"
