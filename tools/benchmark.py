@@ -14,7 +14,8 @@ R-CNN), built from Detectron2's model-zoo config with random weights and trained
 (SGD, frozen BatchNorm, stem and res2 frozen).
 inference: median seconds per batch (--batch-size images, default 1), eval mode, of the baseline, of
     DenseCLIP (text embeddings cached, the default) and of DenseCLIP re-encoding the prompts every
-    forward (as the release); images per second.
+    forward (as the release); images per second. Score thresholds are 0, so every model returns 100
+    detections per image (with random weights the count above 0.05 differs from model to model).
 train: median seconds per optimizer step on a batch (default 2 images) with random boxes and masks;
     peak memory of each model's training, each in a fresh process (growth of resident memory on CPU,
     of allocated memory on GPU, once model, optimizer and batch are built).
@@ -92,13 +93,22 @@ def detectron2_cfg(baseline, device: str):
     kind = baseline.MODEL.META_ARCHITECTURE + ("+mask" if baseline.MODEL.MASK_ON else "")
     cfg = get_cfg()
     cfg.merge_from_file(model_zoo.get_config_file(DETECTRON2_MODELS[kind]))
-    cfg.merge_from_list(["MODEL.DEVICE", device, "MODEL.WEIGHTS", ""])
+    cfg.merge_from_list([*FIXED_WORKLOAD, "MODEL.DEVICE", device, "MODEL.WEIGHTS", ""])
     return cfg
+
+
+# Inference at a fixed workload: with random weights, how many detections pass the configs' score
+# threshold differs from model to model, and Mask R-CNN's mask head runs on each of them (100 boxes
+# cost it 53 GFLOPs). With threshold 0 every model returns TEST.DETECTIONS_PER_IMAGE (100) detections,
+# the workload of the FLOP counts.
+FIXED_WORKLOAD = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"]
 
 
 def configs(args) -> dict:
     """Frozen configs "denseclip" and "baseline" (and "denseclip_uncached" for inference)."""
     opts = list(args.opts) + ["MODEL.DEVICE", args.device, "MODEL.WEIGHTS", ""]
+    if args.task == "inference":
+        opts = FIXED_WORKLOAD + opts
     denseclip = get_denseclip_cfg(args.config_file, opts)
     meta = META_ARCH_REGISTRY.get(denseclip.MODEL.META_ARCHITECTURE)
     if not issubclass(meta, DenseCLIPDetector):
