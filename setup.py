@@ -21,6 +21,10 @@ setup(
         "opencv-python",
         "safetensors",
     ],
-    extras_require={"dev": ["pytest", "pytest-timeout"]},
+    extras_require={
+        # tools/deploy/export_model.py --format onnx, and running model.onnx
+        "export": ["onnx>=1.16", "onnxruntime>=1.18"],
+        "dev": ["pytest", "pytest-timeout", "onnx>=1.16", "onnxruntime>=1.18"],
+    },
     entry_points={"console_scripts": ["denseclip-shapes=denseclip.data.datasets.shapes:main"]},
 )

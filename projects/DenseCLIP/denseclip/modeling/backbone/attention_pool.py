@@ -43,8 +43,8 @@ def resize_positional_grid(positional_embedding: torch.Tensor, size: Tuple[int, 
     """
     side = _grid_side(positional_embedding.shape[0])
     cls_pos, grid = positional_embedding[:1], positional_embedding[1:]
-    if (side, side) == tuple(size):
-        return positional_embedding
+    if not torch.jit.is_tracing() and (side, side) == tuple(size):
+        return positional_embedding  # (resized anyway while tracing: the graph then fits every size)
     grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid.float(), size=size, mode="bilinear", align_corners=False)
     grid = grid.to(positional_embedding.dtype).permute(0, 2, 3, 1).reshape(size[0] * size[1], -1)

@@ -5,11 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from detectron2.config import configurable
-from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_postprocess
+from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList, Instances
 
 from ...data.class_names import parse_vocabulary
 from ..backbone.language_guided import LanguageGuidedBackbone
+from ..postprocessing import postprocess_instances
 from ..score_map_loss import ScoreMapLoss
 from ..text_encoder import tokenize_class_names
 
@@ -126,7 +127,7 @@ class DenseCLIPDetector(DenseCLIPModel):
         results = []
         for index, (inst, inputs, image_size) in enumerate(zip(instances, batched_inputs, images.image_sizes)):
             height, width = inputs.get("height", image_size[0]), inputs.get("width", image_size[1])
-            result = {"instances": detector_postprocess(inst, height, width)}
+            result = {"instances": postprocess_instances(inst, height, width)}
             if self.return_score_maps:
                 result["score_maps"] = self.score_maps_on_image(
                     score_map[index], images.tensor.shape[-2:], image_size, height, width

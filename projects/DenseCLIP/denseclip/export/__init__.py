@@ -1,0 +1,11 @@
+"""TorchScript and ONNX export of DenseCLIP models (tools/deploy/export_model.py)."""
+from .exporter import (
+    EXPORT_FORMATS,
+    EXPORT_METHODS,
+    METADATA_NAME,
+    ONNX_OPSET,
+    BakedTextEmbeddings,
+    check_exportable,
+    export_model,
+    max_input_side,
+)
