@@ -13,7 +13,9 @@ in it. tools/deploy/exported_predictor.py runs it without this package (see its 
 """
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import numpy as np
 import torch
@@ -44,6 +46,8 @@ def parse_args(argv=None):
     parser.add_argument("--score-maps", action="store_true", help="add the score maps of the model's classes")
     parser.add_argument("--vocabulary", help="comma-separated names whose score maps to return instead (baked in)")
     parser.add_argument("--run-eval", action="store_true", help="evaluate the written file on DATASETS.TEST[0]")
+    parser.add_argument("--benchmark", type=int, default=0, metavar="N",
+                        help="time N interleaved runs of the eager model and of the written file on the sample")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     return parser.parse_args(argv)
 
@@ -94,6 +98,29 @@ def evaluate_exported(cfg, path: str, output_dir: str):
     return inference_on_dataset(run, loader, evaluator)
 
 
+def benchmark(model, path: str, image: torch.Tensor, original_size, rounds: int) -> dict:
+    """Median seconds per image of the eager model (as exported: same outputs) and of the exported file,
+    run alternately on the same resized sample after one untimed run each."""
+    predictor = ExportedPredictor(path)
+    height, width = original_size
+    model.return_score_maps = "score_maps" in predictor.metadata["outputs"]
+    if model.return_score_maps and predictor.score_map_names != predictor.class_names:
+        model.vocabulary = predictor.score_map_names
+    runs = {
+        "eager": lambda: model([{"image": image, "height": height, "width": width}]),
+        "exported": lambda: predictor.run(image.numpy(), height, width),
+    }
+    times = {name: [] for name in runs}
+    with torch.no_grad():
+        for index in range(rounds + 1):
+            for name in sorted(runs, reverse=index % 2 == 1):  # alternate which runs first
+                start = time.perf_counter()
+                runs[name]()
+                if index > 0:
+                    times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def main(argv=None):
     args = parse_args(argv)
     logger = setup_logger(name="denseclip")
@@ -113,6 +140,13 @@ def main(argv=None):
         score_maps=args.score_maps, vocabulary=vocabulary,
     )
     logger.info(f"Wrote {path}: outputs {metadata['outputs']}")
+    if args.benchmark:
+        medians = benchmark(model, path, image, original_size, args.benchmark)
+        logger.info(
+            f"Median of {args.benchmark} interleaved runs on a {image.shape[1]} x {image.shape[2]} input: eager "
+            f"{medians['eager']:.3f} s, {args.format} {medians['exported']:.3f} s "
+            f"(ratio {medians['exported'] / medians['eager']:.2f}; {torch.get_num_threads()} torch threads)"
+        )
     if args.run_eval:
         del model
         logger.info(f"Evaluating {path} on {cfg.DATASETS.TEST[0]}")
