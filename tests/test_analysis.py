@@ -20,7 +20,7 @@ from denseclip import get_denseclip_cfg
 from denseclip.modeling.backbone import dense_attention_pool
 from denseclip.utils.analysis import IGNORED_OPS, FlopReport, count_flops, parameter_split
 
-from helpers import REPO, count_parameters, load_script, tiny_detector_cfg
+from helpers import REPO, count_parameters, load_script, tiny_detector_cfg, tiny_sem_seg_cfg
 
 TINY_MASK_RCNN = os.path.join(REPO, "configs/Shapes-InstanceSegmentation/mask_rcnn_denseclip_tiny_FPN.yaml")
 TEXT_ENCODER = "backbone.score_map.text_encoder"
@@ -297,3 +297,47 @@ def test_benchmark_train_smoke(benchmark_main, capsys):
     assert all(positive_finite(s) for s in result["seconds"].values())
     assert all(positive_finite(m) for m in result["peak_memory_mb"].values())
     assert positive_finite(result["memory_ratio"])
+
+
+def test_semantic_fpn_flops_follow_the_segmentation_release_rules():
+    """A tiny CLIP-baseline Semantic FPN on the segmentation ViT (patch 16, width 64, 4 blocks, 2 heads;
+    FPN and head 16 channels, 3 classes) on one 64 x 96 image, against the release's counting rules
+    written out: fvcore's 2021 handles, attention products counted, transposed convolutions over their
+    output size, batch norm 2 and layer / group norm 5 per element, resizing 4 (bilinear) or 1 (nearest)
+    per output element."""
+    torch.manual_seed(0)
+    cfg = tiny_sem_seg_cfg(denseclip=False, vit=True)
+    model = build_model(cfg).eval()
+    height, width, w, c, k = 64, 96, 64, 16, 3
+    inference, text = count_flops(model, [{"image": torch.rand(3, height, width) * 255, "height": height, "width": width}])
+    h, v = height // 16, width // 16  # the patch grid
+    tokens = 1 + h * v
+    resize = 4 * w * h * v  # the positional grid resized from 4 x 4 to 4 x 6 (booked to the pyramid, its caller)
+    vit = (
+        w * 3 * 16 * 16 * h * v  # patch embedding
+        + 5 * tokens * w  # ln_pre
+        + 4 * (10 * tokens * w + 12 * tokens * w * w + 2 * tokens * tokens * w)  # 4 blocks: 2 norms, q/k/v/out, MLP, attention products
+    )
+    sizes = [(h * 4) * (v * 4), (h * 2) * (v * 2), h * v, (h // 2) * (v // 2)]  # s4, s8, s16, s32 positions
+    pyramid = (
+        4 * 5 * w * h * v  # a GroupNorm per level
+        + w * w * 4 * sizes[1] + 2 * w * sizes[1] + w * w * 4 * sizes[0]  # fpn1: transposed conv, BN, transposed conv
+        + w * w * 4 * sizes[1]  # fpn2: transposed conv
+    )
+    fpn = sum(w * c * n + c * c * 9 * n for n in sizes) + c * sum(sizes[:3])  # laterals, outputs; nearest top-down
+    conv_bn = lambda n: c * c * 9 * n + 2 * c * n  # noqa: E731
+    up = lambda n: 4 * c * n  # bilinear x2 to n positions  # noqa: E731
+    head = (
+        conv_bn(sizes[0])
+        + conv_bn(sizes[1]) + up(sizes[0])
+        + conv_bn(sizes[2]) + up(sizes[1]) + conv_bn(sizes[1]) + up(sizes[0])
+        + conv_bn(sizes[3]) + up(sizes[2]) + conv_bn(sizes[2]) + up(sizes[1]) + conv_bn(sizes[1]) + up(sizes[0])
+        + c * k * sizes[0]  # classifier
+        + 4 * k * height * width  # logits resized to the input
+    )
+    assert dict(inference.unsupported) == {}
+    assert inference.by_module["backbone.bottom_up.vit"] == vit
+    assert inference.by_module["backbone.bottom_up"] == vit + resize + pyramid
+    assert inference.by_module["sem_seg_head"] == head
+    assert inference.total == vit + resize + pyramid + fpn + head
+    assert text.total == 0  # no text encoder in a CLIP baseline

@@ -566,13 +566,13 @@ def test_refusals_name_the_problem():
         convert(cfg, {**state, "bbox_head.extra.weight": torch.zeros(3)})
     with pytest.raises(ValueError, match=r"classes that differ .*0: 'dog' vs 'cat'"):
         convert(cfg, state, classes=["dog", "cat", "traffic light"])
-    with pytest.raises(ValueError, match=r"holds a DenseCLIP RetinaNet .* the config builds a DenseCLIP mask_rcnn"):
+    with pytest.raises(ValueError, match=r"holds a DenseCLIP RetinaNet .*; the config builds a DenseCLIP Mask R-CNN"):
         convert(tiny("mask_rcnn"), state)
     deeper = tiny("retinanet")
     deeper.MODEL.CLIP.LAYERS = [1, 1, 2, 1]
     with pytest.raises(ValueError, match=r"stages \[1, 1, 1, 1\].*MODEL.CLIP.LAYERS \[1, 1, 2, 1\]"):
         convert(deeper, state)
-    with pytest.raises(ValueError, match=r"Not a RetinaNet or Mask R-CNN checkpoint .* \['backbone', 'neck'\]"):
+    with pytest.raises(ValueError, match=r"Not a RetinaNet, Mask R-CNN or Semantic FPN checkpoint .* \['backbone', 'neck'\]"):
         convert(cfg, {k: v for k, v in state.items() if k.startswith(("backbone.", "neck."))})
 
 
@@ -608,7 +608,7 @@ def test_unconverted_release_checkpoint_as_model_weights_is_refused(tmp_path):
     cfg = tiny("retinanet")
     path = tmp_path / "release.pth"
     torch.save({"state_dict": release_state_dict(cfg, "retinanet", True), "meta": {"mmdet_version": "2.17.0"}}, path)
-    with pytest.raises(ValueError, match=r"MMDetection checkpoint .* Convert it first: python tools/convert-denseclip-mmdet-to-d2.py"):
+    with pytest.raises(ValueError, match=r"MMDetection checkpoint .* Convert it first: python tools/convert-denseclip-release-to-d2.py"):
         DenseCLIPCheckpointer(build_model(cfg)).load(str(path))
 
 

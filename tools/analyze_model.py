@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """
-FLOPs, parameters and structure of a CLIP / DenseCLIP detector, counted as in the paper's tables
-(denseclip/utils/analysis.py): random weights, text encoder counted apart (its output is cached),
-R-CNN heads on a fixed workload of 1000 (box) and 100 (mask) boxes.
+FLOPs, parameters and structure of a CLIP / DenseCLIP detector or semantic segmentor, counted as in the
+paper's tables (denseclip/utils/analysis.py): random weights, text encoder counted apart (its output is
+cached), R-CNN heads on a fixed workload of 1000 (box) and 100 (mask) boxes; semantic segmentors on one
+1024 x 1024 whole-image forward with the segmentation release's counting rules (printed with the count).
 
     python tools/analyze_model.py --config-file configs/COCO-Detection/retinanet_denseclip_R_50_FPN_1x.yaml
+    python tools/analyze_model.py --config-file configs/ADE20K-SemanticSegmentation/semantic_fpn_denseclip_R_50_512x512_80k.yaml
     python tools/analyze_model.py --config-file ... --tasks flop --input-size 800 1280 --format json
     python tools/analyze_model.py --config-file ... --num-inputs 10   # mean over DATASETS.TEST images
 """
@@ -25,15 +27,24 @@ from detectron2.utils.analysis import parameter_count_table
 
 from denseclip import get_denseclip_cfg, register_datasets_from_config
 from denseclip.modeling import ContextTextEncoder
-from denseclip.utils.analysis import NUM_BOX_PROPOSALS, NUM_MASK_BOXES, FlopReport, count_flops, parameter_split
+from denseclip.utils.analysis import (
+    NUM_BOX_PROPOSALS,
+    NUM_MASK_BOXES,
+    SEGMENTATION_RULES,
+    FlopReport,
+    count_flops,
+    is_semantic_segmentor,
+    parameter_split,
+)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--tasks", nargs="+", choices=("flop", "parameter", "structure"), default=["flop", "parameter"])
-    parser.add_argument("--input-size", nargs=2, type=int, default=[800, 1280], metavar=("H", "W"),
-                        help="height and width of the random image (default 800 1280: the paper's 1280 x 800, W x H)")
+    parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"),
+                        help="height and width of the random image (default 800 1280: the paper's 1280 x 800, W x H, "
+                             "for detectors; 1024 1024, the segmentation release's, for semantic segmentors)")
     parser.add_argument("--num-inputs", type=int, default=0, help="mean over this many DATASETS.TEST images instead")
     parser.add_argument("--format", choices=("text", "json"), default="text")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
@@ -69,6 +80,7 @@ def do_flop(cfg, model, args) -> dict:
         inference.unsupported.update(report.unsupported)
     return {
         "input": f"{args.num_inputs} images of {cfg.DATASETS.TEST[0]}" if args.num_inputs else args.input_size,
+        "counting_rules": SEGMENTATION_RULES if is_semantic_segmentor(model) else None,
         "rcnn_dummy_workload": rcnn_workload(cfg, model),
         "gflops": round(inference.total / 1e9, 4),
         "gflops_text_encoder": round(text.total / 1e9, 4),
@@ -91,6 +103,9 @@ def print_text(result: dict, model) -> None:
             what = f"a random {what[0]} x {what[1]} (H x W) image"
         workload = result["rcnn_dummy_workload"]
         print(f"FLOPs on {what}, 1 multiply-add = 1 flop" + (f"; ROI heads on {workload}" if workload else ""))
+        if result["counting_rules"]:
+            print("  counted as the segmentation release's get_flops.py (fvcore of 2021):")
+            print("\n".join(f"    - {rule}" for rule in result["counting_rules"]))
         print(f"  inference (text encoder cached, excluded): {result['gflops']:.2f} GFLOPs")
         print(f"  text encoder (once per class set):         {result['gflops_text_encoder']:.2f} GFLOPs")
         for name, flops in sorted(result["gflops_by_module"].items()):
@@ -118,6 +133,8 @@ def main(argv=None) -> dict:
         if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
             cfg.MODEL.DEVICE = "cpu"
         model = build_model(cfg).eval()
+        if args.input_size is None:
+            args.input_size = [1024, 1024] if is_semantic_segmentor(model) else [800, 1280]
         result = {"config": args.config_file}
         tasks = {"flop": do_flop, "parameter": do_parameter, "structure": lambda *_: {"structure": str(model)}}
         for task in dict.fromkeys(args.tasks):

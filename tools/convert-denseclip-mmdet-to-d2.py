@@ -1,59 +1,8 @@
 #!/usr/bin/env python
-"""
-Convert a detection checkpoint of the DenseCLIP release (MMDetection 2.17: RetinaNet or Mask R-CNN,
-DenseCLIP or its CLIP baseline, RN50 or RN101) into a Detectron2 checkpoint of this project.
-
-    python tools/convert-denseclip-mmdet-to-d2.py retinanet_denseclip_r50.pth output/retinanet_denseclip_R_50.pth
-    python train_net.py --eval-only --config-file <the config it names> MODEL.WEIGHTS output/retinanet_denseclip_R_50.pth
-
-The layout is read from the checkpoint; the model is built from the matching config of configs/ (or
---config-file) and every tensor is mapped onto it by name, or the conversion stops and says why.
-"""
-import argparse
+"""The converter's former name: runs tools/convert-denseclip-release-to-d2.py (detection and segmentation)."""
 import os
-import sys
-
-import torch
-
-import denseclip  # noqa: F401  (before Detectron2: it silences warnings expected when Detectron2 is imported)
-
-from detectron2.modeling import build_model
-
-from denseclip import get_denseclip_cfg
-from denseclip.checkpoint import convert_release_state_dict, infer_release_layout, read_release_checkpoint
-from denseclip.data import resolve_class_names
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input", help="the release's .pth file")
-    parser.add_argument("output", help="the Detectron2 checkpoint to write (.pth)")
-    parser.add_argument("--config-file", help="convert for this config (default: the one matching the checkpoint)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
-    args = parser.parse_args(argv)
-
-    state, meta = read_release_checkpoint(args.input)
-    layout = infer_release_layout(state)
-    config_file = args.config_file or os.path.join(REPO, layout.config_file())
-    cfg = get_denseclip_cfg(config_file, list(args.opts) + ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
-    model = build_model(cfg)
-    converted, report = convert_release_state_dict(state, meta, model, cfg, resolve_class_names(cfg))
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    torch.save(
-        {"model": converted, "__author__": "DenseCLIP release, converted", "source": os.path.abspath(args.input),
-         "config": os.path.relpath(config_file, REPO), "mmdet_meta": {k: meta[k] for k in ("mmdet_version", "CLASSES") if k in meta}},
-        args.output,
-    )
-    print(f"{args.input}\n{report.summary()}\nConfig: {os.path.relpath(config_file, REPO)}\nWrote {args.output}")
-    print(f"Evaluate: python train_net.py --eval-only --config-file {os.path.relpath(config_file, REPO)} "
-          f"MODEL.WEIGHTS {args.output}")
-    return 0
-
+import runpy
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"Not converted: {e}")
+    runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "convert-denseclip-release-to-d2.py"),
+                   run_name="__main__")

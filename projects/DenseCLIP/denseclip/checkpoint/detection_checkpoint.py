@@ -76,11 +76,13 @@ class DenseCLIPCheckpointer(DetectionCheckpointer):
                 loaded = {"model": loaded}  # a bare state dict (CLIP)
             elif "model" not in loaded:
                 loaded["model"] = loaded.pop("state_dict")
-            if "mmdet_version" in (loaded.get("meta") or {}):
+            meta = loaded.get("meta") or {}
+            if "mmdet_version" in meta or "mmseg_version" in meta:
                 raise ValueError(
-                    f"{filename} is an MMDetection checkpoint (the DenseCLIP release's layout), whose names "
-                    f"this model does not use. Convert it first: python tools/convert-denseclip-mmdet-to-d2.py "
-                    f"{filename} <output.pth>, then set MODEL.WEIGHTS to the output."
+                    f"{filename} is an {'MMDetection' if 'mmdet_version' in meta else 'MMSegmentation'} checkpoint "
+                    f"(the DenseCLIP release's layout), whose names this model does not use. Convert it first: "
+                    f"python tools/convert-denseclip-release-to-d2.py {filename} <output.pth>, then set "
+                    f"MODEL.WEIGHTS to the output."
                 )
         clip_state = as_clip_state_dict(loaded.get("model"))
         if clip_state is not None:

@@ -1,18 +1,21 @@
 """
-FLOP and parameter counts of CLIP / DenseCLIP detectors in the convention of the paper's tables:
+FLOP and parameter counts of CLIP / DenseCLIP models in the convention of the paper's tables:
 
 - fvcore's counter (one multiply-add is one flop), model in eval mode, weights irrelevant;
 - the text encoder left out of the inference count: its K x D output is cached, so it runs once per
   class set. Its own flops are counted apart, on ``ContextTextEncoder.encode``;
 - RetinaNet: Detectron2's FlopCountAnalysis of the whole inference;
 - two-stage detectors: backbone + proposal generator traced on the image, the ROI heads on a fixed
-  workload (the box branch on 1000 boxes, the mask branch on 100), whatever the image yields.
+  workload (the box branch on 1000 boxes, the mask branch on 100), whatever the image yields;
+- semantic segmentors: one whole-image forward (no sliding window) up to the logits at the input's
+  size, counted as the segmentation release's get_flops.py counted with the fvcore of 2021
+  (:data:`SEGMENTATION_HANDLES`).
 
-``EXTRA_HANDLES`` count the ops fvcore has no handle for; ``IGNORED_OPS`` are counted as zero on
-purpose (on top of fvcore's and Detectron2's own lists). Any other op is reported as unsupported.
+Detectors: ``EXTRA_HANDLES`` count the ops fvcore has no handle for; ``IGNORED_OPS`` are counted as zero
+on purpose (on top of fvcore's and Detectron2's own lists). Any other op is reported as unsupported.
 """
 from collections import Counter
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from fvcore.nn import FlopCountAnalysis
@@ -25,7 +28,15 @@ from detectron2.utils.analysis import FlopCountAnalysis as DetectorFlopCountAnal
 
 from ..modeling.text_encoder import ContextTextEncoder
 
-__all__ = ["FlopReport", "count_flops", "parameter_split", "text_encoders", "NUM_BOX_PROPOSALS", "NUM_MASK_BOXES"]
+__all__ = [
+    "FlopReport",
+    "count_flops",
+    "parameter_split",
+    "text_encoders",
+    "NUM_BOX_PROPOSALS",
+    "NUM_MASK_BOXES",
+    "SEGMENTATION_RULES",
+]
 
 NUM_BOX_PROPOSALS = 1000
 NUM_MASK_BOXES = 100
@@ -81,6 +92,38 @@ IGNORED_OPS = [
     "aten::nonzero_numpy", "aten::repeat_interleave", "aten::argmax", "aten::argsort", "aten::sort",
     "aten::topk", "aten::max_pool2d", "torchvision::nms",
 ]
+DETECTION_HANDLES = {**EXTRA_HANDLES, **{op: None for op in IGNORED_OPS}}
+
+
+def conv_output_size_flop_jit(inputs, outputs) -> int:
+    """Any convolution, transposed ones too, as fvcore counted it until 2021-10-27: batch x prod(weight
+    shape) x the OUTPUT's spatial size (fvcore now counts a transposed convolution over its input, 4x
+    less for a 2 x 2 stride-2 one)."""
+    return get_shape(inputs[0])[0] * _numel(get_shape(inputs[1])) * _numel(get_shape(outputs[0])[2:])
+
+
+#: The segmentation release's convention (its get_flops.py --fvcore, with the fvcore and torch 1.x of
+#: 2021), applied to semantic segmentors; each rule in words for the reports.
+SEGMENTATION_RULES = [
+    "one 1 x 3 x H x W input, whole-image forward up to the logits at the input size (no sliding window)",
+    "1 multiply-add = 1 flop; convolutions, linear layers, matmul/einsum, norms (batch norm 2, layer and "
+    "group norm 5 per element) and bilinear (4) / nearest (1 per output element) resizing as fvcore counts them",
+    "attention products q k^T and attention x v counted (torch 1.x traced them as bmm; torch 2's fused "
+    "scaled_dot_product_attention is otherwise skipped)",
+    "transposed convolutions counted over their output size (fvcore's rule before 2021-10-27)",
+    "pooling, reductions, activations and elementwise arithmetic not counted",
+    "text encoder excluded (its output is cached; counted apart)",
+]
+SEGMENTATION_HANDLES = {
+    "aten::scaled_dot_product_attention": sdpa_flop_jit,
+    "aten::_native_multi_head_attention": native_mha_flop_jit,
+    "aten::baddbmm": baddbmm_flop_jit,
+    "aten::_convolution": conv_output_size_flop_jit,
+    **{op: None for op in IGNORED_OPS if op != "aten::batch_norm"},
+    **{op: None for op in ("aten::avg_pool2d", "aten::mean", "aten::linalg_vector_norm", "aten::max_pool2d",
+                           "aten::relu", "aten::relu_", "aten::dropout", "aten::feature_dropout")},
+}
+
 # Detectron2 and torchvision helpers that run as TorchScript functions while tracing: bookkeeping
 # without multiply-adds. Any other scripted function is reported as unsupported (its ops are hidden).
 SCRIPTED_HELPERS = ["move_device_like", "_convert_boxes_to_pooler_format", "_create_zeros", "_batched_nms_coordinate_trick"]
@@ -97,14 +140,15 @@ class FlopReport:
     def total(self) -> float:
         return self.by_module[""]
 
-    def add(self, analysis, prefix: str = "", strip: str = "") -> "FlopReport":
+    def add(self, analysis, prefix: str = "", strip: str = "", handles: Optional[dict] = None) -> "FlopReport":
+        """Add an fvcore analysis, counted with ``handles`` (default: the detectors' convention)."""
         calls = Counter()
 
         def call_function(inputs, outputs) -> int:
             calls[inputs[0].node().s("name")] += 1
             return 0
 
-        analysis.set_op_handle(**EXTRA_HANDLES, **{op: None for op in IGNORED_OPS})
+        analysis.set_op_handle(**(DETECTION_HANDLES if handles is None else handles))
         analysis.set_op_handle("prim::CallFunction", call_function)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         for name, flops in analysis.by_module().items():
@@ -193,24 +237,49 @@ def _rcnn_flops(model: GeneralizedRCNN, batched_inputs: List[dict], num_boxes: i
     return report
 
 
+class _WholeImage(nn.Module):
+    """A semantic segmentor's whole-image forward on a normalised batch: B x K x H x W logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.predict(ImageList(images, [tuple(images.shape[-2:])] * len(images)))["sem_seg"]
+
+
+def is_semantic_segmentor(model: nn.Module) -> bool:
+    return hasattr(model, "sem_seg_head")
+
+
+def _semantic_flops(model: nn.Module, batched_inputs: List[dict]) -> FlopReport:
+    images = [(x["image"].to(model.device) - model.pixel_mean) / model.pixel_std for x in batched_inputs]
+    images = ImageList.from_tensors(images, model.backbone.size_divisibility).tensor
+    return FlopReport().add(FlopCountAnalysis(_WholeImage(model), (images,)), strip="model.", handles=SEGMENTATION_HANDLES)
+
+
 def count_flops(
     model: nn.Module, batched_inputs: List[dict], num_boxes: int = NUM_BOX_PROPOSALS, num_masks: int = NUM_MASK_BOXES
 ) -> Tuple[FlopReport, FlopReport]:
     """
     (inference, text encoder) flops of an eval-mode model on one input (a list of one Detectron2
-    input dict), in the paper's convention. The text embeddings are cached first, so the text
-    encoder stays out of the inference trace; its own count is one run on its training classes.
+    input dict), in the paper's convention (for semantic segmentors the segmentation release's:
+    :data:`SEGMENTATION_RULES`). The text embeddings are cached first, so the text encoder stays out
+    of the inference trace; its own count is one run on its training classes.
     """
     if model.training:
         raise ValueError("Count flops of a model in eval mode")
     text, encoders = FlopReport(), text_encoders(model)
+    handles = SEGMENTATION_HANDLES if is_semantic_segmentor(model) else None
     saved = [encoder.cache_in_eval for encoder in encoders]
     with torch.no_grad():
         for encoder in encoders:
             encoder.cache_in_eval = True
             encoder()  # fills the cache
-            text.add(FlopCountAnalysis(_Encode(encoder), (encoder.token_ids,)))
-        if isinstance(model, GeneralizedRCNN):
+            text.add(FlopCountAnalysis(_Encode(encoder), (encoder.token_ids,)), handles=handles)
+        if is_semantic_segmentor(model):
+            inference = _semantic_flops(model, batched_inputs)
+        elif isinstance(model, GeneralizedRCNN):
             inference = _rcnn_flops(model, batched_inputs, num_boxes, num_masks)
         else:
             inference = FlopReport().add(DetectorFlopCountAnalysis(model, batched_inputs), strip="model.")
