@@ -183,7 +183,7 @@ def test_release_recipe(name):
 RENAMED = {
     8: ("window", "windowpane"), 37: ("tub", "bathtub"), 38: ("rail", "railing"), 87: ("street lamp", "streetlight"),
     89: ("tv", "television receiver"), 90: ("plane", "airplane"), 92: ("clothes", "apparel"),
-    109: ("pool", "swimming pool"), 113: ("falls", "waterfall"), 138: ("trash can", "ashtray"),
+    109: ("pool", "swimming pool"), 113: ("falls", "waterfall"), 138: ("trash can", "ashcan"),
 }
 
 
