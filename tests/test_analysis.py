@@ -341,3 +341,15 @@ def test_semantic_fpn_flops_follow_the_segmentation_release_rules():
     assert inference.by_module["sem_seg_head"] == head
     assert inference.total == vit + resize + pyramid + fpn + head
     assert text.total == 0  # no text encoder in a CLIP baseline
+
+
+def test_semantic_fpn_flops_total_every_counted_op():
+    """DenseCLIP's segmentor runs its attention pool and score map through methods, not submodule calls:
+    the total still holds every counted operator, and nothing of the cached text encoder."""
+    torch.manual_seed(0)
+    model = build_model(tiny_sem_seg_cfg(denseclip=True)).eval()
+    inference, text = count_flops(model, [{"image": torch.rand(3, 64, 96) * 255, "height": 64, "width": 96}])
+    assert dict(inference.unsupported) == {} and text.total > 0
+    assert inference.total == sum(inference.by_operator.values())
+    assert {"scaled_dot_product_attention", "einsum", "linear"} <= set(inference.by_operator)
+    assert inference.by_module[TEXT_ENCODER] == 0

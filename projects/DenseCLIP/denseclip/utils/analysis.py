@@ -152,11 +152,17 @@ class FlopReport:
         analysis.set_op_handle("prim::CallFunction", call_function)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         for name, flops in analysis.by_module().items():
-            if name.startswith(strip) or name == strip.rstrip("."):
-                name = name[len(strip):] if name.startswith(strip) else ""
-                self.by_module[".".join(p for p in (prefix, name) if p)] += flops
-                if prefix and not name:
-                    self.by_module[""] += flops
+            if strip and name == strip.rstrip("."):
+                # The wrapped model: ops it runs through methods (not a submodule's call) are booked
+                # to the analysis's root, whose total is the one kept.
+                continue
+            if name.startswith(strip):
+                name = name[len(strip):]
+            elif name:
+                continue
+            self.by_module[".".join(p for p in (prefix, name) if p)] += flops
+            if prefix and not name:
+                self.by_module[""] += flops
         self.by_operator.update({k: v for k, v in analysis.by_operator().items() if v})
         self.unsupported.update(analysis.unsupported_ops())
         self.unsupported.update({f"prim::CallFunction[{f}]": n for f, n in calls.items() if f not in SCRIPTED_HELPERS})
