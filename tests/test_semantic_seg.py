@@ -322,11 +322,12 @@ def test_multi_scale_flip_test_averages_probabilities_on_the_original_image():
             ramp = F.interpolate(x["image"][None, :1].float(), size=(x["height"], x["width"]), mode="bilinear")[0]
             return [{"sem_seg": torch.cat([ramp, torch.zeros_like(ramp)])}]
 
-    height, width = 100, 300
+    height, width = 100, 500
     ramp = torch.linspace(0, 6, width).expand(3, height, width)
     outputs = SemanticSegmentorWithTTA(cfg, KnownModel())([{"image": ramp, "height": height, "width": width}])
-    # Scales: shorter side 256 (longest 1024) and 512 (longest 2048, which caps 100 x 300 at 512 x 1536).
-    assert seen == [(256, 768), (256, 768), (512, 1536), (512, 1536)]
+    # Scales r = 0.5, 1: the largest size with shorter side <= r x 512 and longest <= r x 2048 (the
+    # latter binds here): 100 x 500 x min(1024 / 500, 256 / 100) = 205 x 1024, and 410 x 2048.
+    assert seen == [(205, 1024), (205, 1024), (410, 2048), (410, 2048)]
     probabilities = outputs[0]["sem_seg"]
     assert probabilities.shape == (2, height, width)
     # Mirrored back, every run gives about the unmirrored ramp: class 0's probability rises left to right.
@@ -358,3 +359,40 @@ def test_vit_pyramid_model_loads_clip_weights_with_the_grid_resized(tmp_path):
     torch.testing.assert_close(text.token_embedding.weight, clip.token_embedding.weight)
     with torch.no_grad():
         assert model([{"image": torch.rand(3, 64, 96) * 255}])[0]["sem_seg"].shape == (K, 64, 96)
+
+
+def test_trainer_evaluates_miou_and_multi_scale_flip(tmp_path):
+    """DenseCLIPTrainer.test gives SemSegEvaluator's mIoU; test_with_TTA at the single scale 1.0 without
+    flip gives the softmax of the plain test's logits (same mIoU), and runs with scales and flips."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from denseclip import register_datasets_from_config
+    from denseclip.engine import DenseCLIPTrainer
+    from denseclip.modeling.test_time_augmentation import SemanticSegmentorWithTTA
+    from test_sem_seg_folders import write_folders
+
+    images, labels = write_folders(tmp_path / "val", ["a", "b"])
+    cfg = tiny_sem_seg_cfg()
+    cfg.DATASETS.SEM_SEG_FOLDERS.TEST_IMAGES, cfg.DATASETS.SEM_SEG_FOLDERS.TEST_LABELS = images, labels
+    cfg.DATASETS.SEM_SEG_FOLDERS.CLASS_NAMES = list(cfg.MODEL.DENSECLIP.CLASS_NAMES)
+    cfg.DATASETS.TRAIN, cfg.OUTPUT_DIR = (), str(tmp_path / "output")
+    try:
+        register_datasets_from_config(cfg)
+        model = DenseCLIPTrainer.build_model(cfg)
+        plain = DenseCLIPTrainer.test(cfg, model)
+        cfg.TEST.AUG.SCALE_RATIOS, cfg.TEST.AUG.FLIP = [1.0], False
+        single = DenseCLIPTrainer.test_with_TTA(cfg, model)
+        (inputs,) = next(iter(DenseCLIPTrainer.build_test_loader(cfg, "sem_seg_folders_test")))
+        with torch.no_grad():
+            logits = model.eval()([inputs])[0]["sem_seg"]
+            probabilities = SemanticSegmentorWithTTA(cfg, model)([inputs])[0]["sem_seg"]
+        cfg.TEST.AUG.SCALE_RATIOS, cfg.TEST.AUG.FLIP = [0.5, 1.0], True
+        multi = DenseCLIPTrainer.test_with_TTA(cfg, model)
+    finally:
+        DatasetCatalog.remove("sem_seg_folders_test")
+        MetadataCatalog.remove("sem_seg_folders_test")
+    assert 0 <= plain["sem_seg"]["mIoU"] <= 100
+    assert single["sem_seg_TTA"]["mIoU"] == pytest.approx(plain["sem_seg"]["mIoU"])
+    assert logits.shape == (K, 16, 24)
+    assert torch.allclose(probabilities, logits.softmax(dim=0), atol=1e-5)
+    assert 0 <= multi["sem_seg_TTA"]["mIoU"] <= 100
