@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
 
 from denseclip.modeling import DenseCLIPRCNN, DenseCLIPRetinaNet
@@ -153,3 +154,17 @@ def test_one_switch_misconfigurations_fail_at_build_time():
     assert not any("text_encoder" in name for name, _ in model.named_parameters())
     assert model.backbone.bottom_up.attnpool is None
     assert model.backbone.bottom_up.output_shape()["res5"].channels == 256
+
+
+@pytest.mark.parametrize("clip_first, kept", [(True, [[0.0, 0.0, 40.0, 40.0]]), (False, [[-60.0, 0.0, 40.0, 40.0], [0.0, 0.0, 40.0, 40.0]])])
+def test_retinanet_clips_boxes_before_nms(clip_first, kept):
+    """MODEL.RETINANET.CLIP_BOXES_BEFORE_NMS (on, as MMDetection): a box reaching 60 px left of the image
+    overlaps [0, 0, 40, 40] with IoU 1600 / 4000 = 0.4 unclipped (both kept by NMS at 0.5), 1.0 clipped
+    (only the higher-scoring one is kept, clipped)."""
+    model = build("retinanet", **{"MODEL.RETINANET.CLIP_BOXES_BEFORE_NMS": clip_first}).eval()
+    anchors = [Boxes(torch.tensor([[-60.0, 0.0, 40.0, 40.0], [0.0, 0.0, 40.0, 40.0]]))]
+    scores = [torch.tensor([[0.9, 0.0, 0.0], [0.8, 0.0, 0.0]])]  # class 0; probabilities
+    deltas = [torch.zeros(2, 4)]  # the boxes are the anchors
+    result = model.inference_single_image(anchors, scores, deltas, (100, 100))
+    assert result.pred_boxes.tensor.tolist() == kept
+    assert result.scores.tolist() == pytest.approx([0.9, 0.8][: len(kept)])

@@ -1,6 +1,7 @@
 """Resume after SIGKILL, atomic checkpoints, distributed training on CPU, and unusual input."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -141,25 +142,33 @@ def test_two_processes_equal_one_process_with_both_images(coco_dataset, tmp_path
     finals = {}
     for gpus in (1, 2):
         output_dir = str(tmp_path / f"procs{gpus}")
+        with socket.socket() as free:  # a free port: the default one is shared by every run of this user
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
         result = run_script([
-            "train_net.py", "--config-file", CONFIG, "--num-gpus", str(gpus), *common, "OUTPUT_DIR", output_dir,
+            "train_net.py", "--config-file", CONFIG, "--num-gpus", str(gpus), "--dist-url", f"tcp://127.0.0.1:{port}",
+            *common, "OUTPUT_DIR", output_dir,
         ])
         assert result.returncode == 0, result.stdout[-3000:]
         finals[gpus] = torch.load(os.path.join(output_dir, "model_final.pth"), map_location="cpu", weights_only=False)["model"]
     seed_all_rng(0)  # what train_net.py's default_setup does with SEED 0 on rank 0: the same init
-    initial = DenseCLIPTrainer.build_model(load_cfg(CONFIG, common))
-    changed = 0
+    initial = DenseCLIPTrainer.build_model(load_cfg(CONFIG, common)).state_dict()
+    moved = set()
     for key, value in finals[1].items():
         if key.endswith("num_batches_tracked"):  # NaiveSyncBatchNorm does not count its steps
             continue
-        # One process updates running_var with the unbiased batch variance (torch's BatchNorm), two
-        # with the biased one (NaiveSyncBatchNorm): n / (n - 1) apart, n = the values per channel.
-        rtol = 0.1 if key.endswith("running_var") else 1e-4
-        torch.testing.assert_close(finals[2][key], value, rtol=rtol, atol=1e-6, msg=key)
-        changed += not torch.equal(value, initial.state_dict()[key])
-    bn = "backbone.bottom_up.layer1.0.bn1."
-    assert not torch.equal(finals[2][bn + "running_mean"], initial.state_dict()[bn + "running_mean"])
-    assert not torch.equal(finals[2][bn + "weight"], initial.state_dict()[bn + "weight"])  # trained
-    assert changed > 10  # the step did move the model, the learnable contexts included
-    contexts = "backbone.score_map.text_encoder.contexts"
-    assert not torch.equal(finals[2][contexts], initial.state_dict()[contexts])
+        if key.endswith("running_var"):
+            # One process updates running_var with the unbiased batch variance (torch's BatchNorm), two
+            # with the biased one (NaiveSyncBatchNorm): n / (n - 1) apart, n = the values per channel.
+            torch.testing.assert_close(finals[2][key], value, rtol=0.1, atol=1e-6, msg=key)
+            continue
+        # The step itself (lr x gradient for SGD) must agree, to 0.1% of the tensor's largest change:
+        # a loss or gradient normalised differently in one setting moves it by another amount.
+        one, two = value - initial[key], finals[2][key] - initial[key]
+        scale = one.abs().max().item()
+        assert (two - one).abs().max().item() <= 1e-3 * scale + 1e-9, (key, scale, (two - one).abs().max().item())
+        if scale > 0:
+            moved.add(key)
+    contexts, bn = "backbone.score_map.text_encoder.contexts", "backbone.bottom_up.layer1.0.bn1."
+    assert {contexts, "backbone.score_map.gamma", bn + "weight", bn + "running_mean"} <= moved
+    assert len(moved) > 10

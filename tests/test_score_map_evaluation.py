@@ -1,3 +1,5 @@
+import numpy as np
+import pycocotools.mask as mask_util
 import pytest
 import torch
 
@@ -66,3 +68,48 @@ def test_missing_score_maps_are_a_clear_error(dataset):
     evaluator = ScoreMapEvaluator(dataset)
     with pytest.raises(ValueError, match="MODEL.DENSECLIP.RETURN_SCORE_MAPS True"):
         evaluator.process([{"image_id": 1}], [{"instances": None}])
+
+
+def test_class_masks_of_rle_and_box_only_annotations():
+    """RLE segmentations (compressed and uncompressed, column-major runs) and annotations with only a
+    box (its pixels rounded to the grid); masks written by hand on a 4 x 5 image."""
+    from detectron2.structures import BoxMode
+
+    height, width = 4, 5
+    # Uncompressed RLE: runs over pixels in column-major order: 5 off (column 0, row 0 of column 1),
+    # 2 on (rows 1-2 of column 1), then off.
+    uncompressed = {"size": [height, width], "counts": [5, 2, 13]}
+    compressed = mask_util.encode(np.asfortranarray(np.eye(height, width, dtype=np.uint8)))  # the diagonal
+    box_only = {"bbox": [1.4, 0.6, 2.2, 2.0], "bbox_mode": BoxMode.XYWH_ABS}  # x 1.4..3.6, y 0.6..2.6
+    record = {"height": height, "width": width, "annotations": [
+        {"segmentation": uncompressed, "category_id": 0, "bbox": [1, 1, 1, 2], "bbox_mode": BoxMode.XYWH_ABS},
+        {"segmentation": compressed, "category_id": 1, "bbox": [0, 0, 4, 4], "bbox_mode": BoxMode.XYWH_ABS},
+        {**box_only, "category_id": 2},
+        {**box_only, "segmentation": [], "category_id": 2},  # an empty polygon list: the box too
+    ]}
+    masks = class_masks(record, 3)
+    expected = torch.zeros(3, height, width, dtype=torch.bool)
+    expected[0, 1:3, 1] = True
+    expected[1, [0, 1, 2, 3], [0, 1, 2, 3]] = True
+    expected[2, 1:3, 1:4] = True  # rows round(0.6)=1 .. round(2.6)=3, columns round(1.4)=1 .. round(3.6)=4
+    assert torch.equal(masks, expected)
+
+
+def test_evaluate_sums_every_process_before_dividing(dataset, monkeypatch):
+    """With 2 processes, rank 0 adds the other rank's intersections and unions to its own before the
+    IoU; the other rank returns nothing."""
+    from denseclip.evaluation import score_map_evaluation
+
+    evaluator = ScoreMapEvaluator(dataset)
+    evaluator._intersection, evaluator._union = torch.tensor([4, 0, 1]), torch.tensor([12, 0, 4])
+    other = (torch.tensor([2, 3, 0]), torch.tensor([4, 3, 0]))  # what the second process counted
+    gathered = []
+    monkeypatch.setattr(score_map_evaluation.comm, "get_world_size", lambda: 2)
+    monkeypatch.setattr(score_map_evaluation.comm, "gather", lambda data, dst=0: gathered.append(data) or [data, other])
+    monkeypatch.setattr(score_map_evaluation.comm, "is_main_process", lambda: True)
+    results = evaluator.evaluate()["score_maps"]
+    assert len(gathered) == 1
+    # apple (4 + 2) / (12 + 4), bottle 3 / 3, cup 1 / 4.
+    assert results == pytest.approx({"mIoU": (37.5 + 100 + 25) / 3, "IoU-apple": 37.5, "IoU-bottle": 100.0, "IoU-cup": 25.0})
+    monkeypatch.setattr(score_map_evaluation.comm, "is_main_process", lambda: False)
+    assert evaluator.evaluate() == {}
