@@ -5,10 +5,13 @@ import os
 import subprocess
 import sys
 
+import math
+
 import cv2
 import numpy as np
 import open_clip
 import torch
+import torch.nn.functional as F
 
 from detectron2.config import get_cfg
 from detectron2.structures import BitMasks, Boxes, Instances
@@ -64,11 +67,21 @@ def inference_parameters(model) -> int:
 
 
 def assert_detects_on_random_image(model, masks: bool) -> None:
-    """An eval-mode detector (score threshold 0) gives instances, with masks if asked, on a 96 x 128 image."""
+    """An eval-mode detector (score threshold 0) on a 96 x 128 image returns its full quota of detections
+    (TEST.DETECTIONS_PER_IMAGE: random weights leave far more candidates), sorted by score, each a
+    probability, a class of the head and a box inside the image; with masks of the image's size if asked."""
     with torch.no_grad():
         (output,) = model([{"image": torch.rand(3, 96, 128) * 255, "height": 96, "width": 128}])
     instances = output["instances"]
-    assert instances.image_size == (96, 128) and len(instances) > 0
+    quota = model.roi_heads.box_predictor.test_topk_per_image if hasattr(model, "roi_heads") else model.max_detections_per_image
+    classes = model.roi_heads.num_classes if hasattr(model, "roi_heads") else model.num_classes
+    assert instances.image_size == (96, 128) and len(instances) == quota
+    scores = instances.scores
+    assert torch.equal(scores, scores.sort(descending=True).values) and (scores >= 0).all() and (scores <= 1).all()
+    assert ((instances.pred_classes >= 0) & (instances.pred_classes < classes)).all()
+    boxes = instances.pred_boxes.tensor
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all() and (boxes[:, 2] <= 128).all() and (boxes[:, 3] <= 96).all()
+    assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
     if masks:
         assert instances.pred_masks.shape == (len(instances), 96, 128)
 
@@ -446,3 +459,26 @@ def tiny_sem_seg_cfg(denseclip: bool = True, vit: bool = False, class_names=("ca
     cfg.SOLVER.IMS_PER_BATCH = 2
     cfg.DATALOADER.NUM_WORKERS = 0
     return cfg
+
+
+def direct_attention_pool(pool, res5, grid):
+    """Every location's token attends to [mean token; all tokens], written out head by head."""
+    b, c, h, w = res5.shape
+    tokens = res5.flatten(2).transpose(1, 2)  # B x HW x C
+    tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1) + grid
+    heads, d = pool.num_heads, c // pool.num_heads
+    q = (tokens @ pool.q_proj.weight.T + pool.q_proj.bias).view(b, -1, heads, d)
+    k = (tokens @ pool.k_proj.weight.T + pool.k_proj.bias).view(b, -1, heads, d)
+    v = (tokens @ pool.v_proj.weight.T + pool.v_proj.bias).view(b, -1, heads, d)
+    attention = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d), dim=-1)
+    out = torch.einsum("bhqk,bkhd->bqhd", attention, v).reshape(b, -1, c)
+    out = out @ pool.c_proj.weight.T + pool.c_proj.bias
+    return out[:, 0], out[:, 1:].transpose(1, 2).reshape(b, -1, h, w)
+
+
+def bilinear_grid(positional_embedding, side, height, width):
+    """The spatial rows of a (1 + side^2) x C embedding as a 1 x C x side x side map, resized with
+    F.interpolate (bilinear, align_corners False: the release's call), back to (height * width) x C."""
+    grid = positional_embedding[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
+    return grid[0].permute(1, 2, 0).reshape(height * width, -1)

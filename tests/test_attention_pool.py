@@ -1,27 +1,9 @@
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 from denseclip.modeling.backbone import dense_attention_pool, resize_positional_grid
 
-from helpers import any_backbone_cfg, tiny_resnet
-
-
-def direct_attention_pool(pool, res5, grid):
-    """Every location's token attends to [mean token; all tokens], written out head by head."""
-    b, c, h, w = res5.shape
-    tokens = res5.flatten(2).transpose(1, 2)  # B x HW x C
-    tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1) + grid
-    heads, d = pool.num_heads, c // pool.num_heads
-    q = (tokens @ pool.q_proj.weight.T + pool.q_proj.bias).view(b, -1, heads, d)
-    k = (tokens @ pool.k_proj.weight.T + pool.k_proj.bias).view(b, -1, heads, d)
-    v = (tokens @ pool.v_proj.weight.T + pool.v_proj.bias).view(b, -1, heads, d)
-    attention = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d), dim=-1)
-    out = torch.einsum("bhqk,bkhd->bqhd", attention, v).reshape(b, -1, c)
-    out = out @ pool.c_proj.weight.T + pool.c_proj.bias
-    return out[:, 0], out[:, 1:].transpose(1, 2).reshape(b, -1, h, w)
+from helpers import any_backbone_cfg, bilinear_grid, direct_attention_pool, tiny_resnet
 
 
 def test_dense_embedding_is_attention_at_every_location():
@@ -48,14 +30,6 @@ def test_smaller_feature_map_uses_top_left_of_grid():
         _, dense = dense_attention_pool(model.attnpool, res5)
         _, expected = direct_attention_pool(model.attnpool, res5, top_left)
     torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-5)
-
-
-def bilinear_grid(positional_embedding, side, height, width):
-    """The spatial rows of a (1 + side^2) x C embedding as a 1 x C x side x side map, resized with
-    F.interpolate (bilinear, align_corners False: the release's call), back to (height * width) x C."""
-    grid = positional_embedding[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
-    return grid[0].permute(1, 2, 0).reshape(height * width, -1)
 
 
 @pytest.mark.parametrize(

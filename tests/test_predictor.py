@@ -1,8 +1,10 @@
-"""DenseCLIPPredictor's inputs: vocabularies, and the device it is configured for."""
+"""DenseCLIPPredictor: what it feeds the model, its vocabularies, and the device it is configured for."""
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from detectron2.engine import default_argument_parser
 
@@ -74,3 +76,21 @@ def test_cuda_device_without_gpu_gets_the_same_advice_everywhere(monkeypatch):
     args = default_argument_parser().parse_args(["--config-file", config, "MODEL.DEVICE", "cuda"])
     with pytest.raises(SystemExit, match=CUDA_ADVICE):
         train_net.setup(args)
+
+
+@pytest.mark.parametrize("size", [(64, 96), (32, 48)])
+def test_predictor_output_is_the_models_on_the_rgb_image_resized(cfg, size):
+    """A BGR image in: the model's output for the RGB image resized as INPUT.MIN_SIZE_TEST 64 /
+    MAX_SIZE_TEST 96 say (PIL bilinear, as Detectron2's ResizeShortestEdge; 32 x 48 -> 64 x 96), at the
+    original size."""
+    predictor = DenseCLIPPredictor(cfg, score_maps=True)
+    image = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
+    rgb = Image.fromarray(np.ascontiguousarray(image[:, :, ::-1])).resize((96, 64), Image.BILINEAR)
+    inputs = {"image": torch.as_tensor(np.array(rgb)).permute(2, 0, 1).float(), "height": size[0], "width": size[1]}
+    with torch.no_grad():
+        (expected,) = predictor.model([inputs])
+    output = predictor(image)
+    assert output["instances"].image_size == size and output["score_maps"].shape == (3, *size)
+    torch.testing.assert_close(output["score_maps"], expected["score_maps"])
+    torch.testing.assert_close(output["instances"].pred_boxes.tensor, expected["instances"].pred_boxes.tensor)
+    torch.testing.assert_close(output["instances"].scores, expected["instances"].scores)

@@ -162,12 +162,14 @@ def test_two_processes_equal_one_process_with_both_images(coco_dataset, tmp_path
             # with the biased one (NaiveSyncBatchNorm): n / (n - 1) apart, n = the values per channel.
             torch.testing.assert_close(finals[2][key], value, rtol=0.1, atol=1e-6, msg=key)
             continue
-        # The step itself (lr x gradient for SGD) must agree, to 0.1% of the tensor's largest change:
-        # a loss or gradient normalised differently in one setting moves it by another amount.
+        # The step itself (lr x gradient for SGD) must agree, to 0.1% of the tensor's largest change
+        # (plus 1e-7: lr x the rounding noise of gradients that are zero in exact arithmetic, such as the
+        # attention pool's key bias): a loss or gradient normalised differently in one setting moves it
+        # by another amount.
         one, two = value - initial[key], finals[2][key] - initial[key]
         scale = one.abs().max().item()
-        assert (two - one).abs().max().item() <= 1e-3 * scale + 1e-9, (key, scale, (two - one).abs().max().item())
-        if scale > 0:
+        assert (two - one).abs().max().item() <= 1e-3 * scale + 1e-7, (key, scale, (two - one).abs().max().item())
+        if scale > 1e-6:
             moved.add(key)
     contexts, bn = "backbone.score_map.text_encoder.contexts", "backbone.bottom_up.layer1.0.bn1."
     assert {contexts, "backbone.score_map.gamma", bn + "weight", bn + "running_mean"} <= moved

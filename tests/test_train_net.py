@@ -2,6 +2,7 @@
 train_net.py on COCO-format data."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ def test_train_then_eval_only(kind, coco_dataset, tmp_path):
     output_dir = str(tmp_path / kind)
     opts = dataset_opts(*coco_dataset) + tiny_opts(kind, output_dir, iterations=30)
     cfg = load_cfg(TINY_SHAPES_CONFIGS[kind], opts)
-    cfg.DATASETS.TEST = ()  # evaluation is train_net.py --eval-only's job below
+    test_sets, cfg.DATASETS.TEST = cfg.DATASETS.TEST, ()  # evaluated after training, in process and by --eval-only
     trainer = DenseCLIPTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
@@ -42,9 +43,17 @@ def test_train_then_eval_only(kind, coco_dataset, tmp_path):
         "MODEL.WEIGHTS", os.path.join(output_dir, "model_final.pth"),
     ])
     assert result.returncode == 0, result.stdout[-3000:]
-    assert "Evaluation results for bbox" in result.stdout
     assert ("Evaluation results for segm" in result.stdout) == (kind == "mask_rcnn")
-    assert "copypaste: AP,AP50,AP75,APs,APm,APl" in result.stdout
+    # The AP train_net.py --eval-only prints is the in-process evaluation's of the trained model.
+    cfg.defrost()
+    cfg.DATASETS.TEST = test_sets
+    in_process = DenseCLIPTrainer.test(cfg, trainer.model)
+    printed = re.findall(r"copypaste: AP,AP50,AP75,APs,APm,APl\n.*copypaste: ([-\d.,nan]+)", result.stdout)
+    tasks = ["bbox", "segm"] if kind == "mask_rcnn" else ["bbox"]
+    assert len(printed) == len(tasks), result.stdout[-3000:]
+    for task, line in zip(tasks, printed):
+        expected = [in_process[task][k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
+        assert [float(v) for v in line.split(",")] == pytest.approx(expected, abs=1e-4, nan_ok=True), task
 
 
 def test_own_dataset_class_names_come_from_the_json(coco_dataset):

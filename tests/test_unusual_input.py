@@ -10,19 +10,27 @@ from detectron2.utils.events import EventStorage
 
 from denseclip.engine import DenseCLIPTrainer
 
-from helpers import data_cfg, tiny_detector_cfg, training_batch, write_coco_dataset
+from helpers import bilinear_grid, data_cfg, direct_attention_pool, tiny_detector_cfg, training_batch, write_coco_dataset
 
 
 def test_image_larger_than_the_positional_grid():
+    """A 1440 x 1600 image (45 x 50 at stride 32) on the release's 42 x 42 grid: the score map is the one
+    of the attention pool with the grid resized bilinearly (F.interpolate) to 45 x 50."""
     cfg = tiny_detector_cfg("mask_rcnn")
     cfg.MODEL.CLIP.INPUT_RESOLUTION = 1344  # the release's 42 x 42 grid
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 1440, 1600
     model = build_model(cfg).eval()
     image = torch.rand(3, 1440, 1600) * 255
+    images = model.preprocess_image([{"image": image}]).tensor
+    pool = model.backbone.bottom_up.attnpool
     with torch.no_grad():
         (output,) = model([{"image": image, "height": 1440, "width": 1600}])
-        _, score_map = model.backbone.forward_with_score_map(model.preprocess_image([{"image": image}]).tensor)
-    assert score_map.shape[-2:] == (45, 50) and torch.isfinite(score_map).all()
+        _, score_map = model.backbone.forward_with_score_map(images)
+        res5 = model.backbone.bottom_up(images)["res5"]
+        positions = torch.cat([pool.positional_embedding[:1], bilinear_grid(pool.positional_embedding, 42, 45, 50)])
+        expected = model.backbone.score_map(*direct_attention_pool(pool, res5, positions))
+    assert score_map.shape[-2:] == (45, 50)
+    torch.testing.assert_close(score_map, expected, rtol=1e-4, atol=1e-4)
     assert output["instances"].image_size == (1440, 1600)
 
 
@@ -38,10 +46,16 @@ def test_very_small_images_train_and_infer():
     with EventStorage():
         losses = model(batch)
     assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_score_map"] > 0  # the clipped boxes still cover cells of the 8 x 8 grid
     model.eval()
+    model.roi_heads.box_predictor.test_score_thresh = 0.0
     with torch.no_grad():
         (output,) = model([{"image": torch.rand(3, 12, 16) * 255, "height": 12, "width": 16}])
-    assert output["instances"].image_size == (12, 16)
+    instances = output["instances"]
+    assert instances.image_size == (12, 16) and len(instances) > 0
+    boxes = instances.pred_boxes.tensor
+    assert (boxes >= 0).all() and (boxes[:, 0::2] <= 16).all() and (boxes[:, 1::2] <= 12).all()
+    assert instances.pred_masks.shape == (len(instances), 12, 16)
 
 
 @pytest.mark.slow

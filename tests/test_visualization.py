@@ -60,3 +60,31 @@ def test_names_and_maps_must_match():
     image, probabilities = image_and_maps(3)
     with pytest.raises(ValueError, match="3 score maps but 2 names"):
         score_map_panel(image, probabilities, ["a", "b"])
+
+
+def test_render_prediction_draws_confident_detections_on_the_bgr_image():
+    """A BGR image (blue left half, red right half) with a detection at score 0.9 and one at 0.3: the
+    picture is the image enlarged 8x (shorter side 512), BGR, unchanged outside the confident box (and
+    its outline's width), where the box is drawn; the 0.3 detection, below the 0.5 threshold, is not."""
+    from detectron2.data import MetadataCatalog
+    from detectron2.structures import Boxes, Instances
+
+    from denseclip.utils.visualization import render_prediction
+
+    image = np.zeros((64, 96, 3), np.uint8)
+    image[:, :48] = (255, 0, 0)  # blue, in BGR
+    image[:, 48:] = (0, 0, 255)  # red
+    instances = Instances((64, 96))
+    instances.pred_boxes = Boxes(torch.tensor([[10.0, 10.0, 40.0, 50.0], [50.0, 5.0, 90.0, 60.0]]))
+    instances.scores = torch.tensor([0.9, 0.3])
+    instances.pred_classes = torch.tensor([0, 1])
+    metadata = MetadataCatalog.get("render_prediction_test")
+    metadata.thing_classes = ["cat", "dog"]
+    overlay, panel = render_prediction(image, {"instances": instances}, metadata)
+    assert panel is None and overlay.shape == (512, 768, 3)
+    enlarged = image.repeat(8, axis=0).repeat(8, axis=1)
+    changed = (overlay != enlarged).any(axis=2)
+    outside = np.ones_like(changed)
+    outside[80 - 16 : 400 + 16, 80 - 16 : 320 + 16] = False  # the box [10, 10, 40, 50] x 8, with a margin
+    assert not changed[outside].any()
+    assert changed[100:380, 76:84].mean() > 0.9 and changed[100:380, 316:324].mean() > 0.9  # left, right sides
