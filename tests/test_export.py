@@ -17,7 +17,8 @@ from denseclip.engine import DenseCLIPPredictor, DenseCLIPTrainer
 from denseclip.export import export_model
 
 from helpers import (
-    REPO, TINY_SHAPES_CONFIGS, dataset_opts, load_cfg, randomize_batchnorm, tiny_cfg, tiny_opts, write_coco_dataset,
+    REPO, TINY_SHAPES_CONFIGS, dataset_opts, load_cfg, randomize_batchnorm, randomize_layernorm, tiny_cfg, tiny_opts,
+    tiny_sem_seg_cfg, write_coco_dataset,
 )
 
 
@@ -86,9 +87,12 @@ def assert_matches_eager(exported: dict, eager: dict, masks: bool, score_maps: b
         assert mask_iou(exported["masks"], instances.pred_masks.numpy()).min() >= 0.99
     assert ("score_maps" in exported) == score_maps
     if score_maps:
-        reference = eager["score_maps"].numpy()
-        assert exported["score_maps"].shape == reference.shape
-        assert np.abs(exported["score_maps"] - reference).max() <= 1e-4 * np.abs(reference).max()
+        assert_close_relative(exported["score_maps"], eager["score_maps"].numpy())
+
+
+def assert_close_relative(exported: np.ndarray, reference: np.ndarray, tolerance: float = 1e-4):
+    assert exported.shape == reference.shape
+    assert np.abs(exported - reference).max() <= tolerance * np.abs(reference).max()
 
 
 # Mask R-CNN's TorchScript graph is compared below, with a vocabulary and trained
@@ -105,6 +109,26 @@ def test_exported_graph_matches_eager_on_other_sizes(kind, fmt, tmp_path):
         image = sample_image(size, seed)
         exported = predictor.run(image.numpy(), height, width)
         assert_matches_eager(exported, eager_outputs(model, image, height, width), masks=kind == "mask_rcnn")
+
+
+@pytest.mark.parametrize("vit, fmt", [(False, "onnx"), (True, "torchscript")])
+def test_semantic_segmentor_export_matches_eager_on_other_sizes(vit, fmt, tmp_path):
+    """The ADE20K Semantic FPN configs shrunk (CLIP ResNet or ViT), whole-image test. The sample is 64 x 64,
+    where the positional grid needs no resizing; the other sizes need it."""
+    cfg = tiny_sem_seg_cfg(vit=vit)
+    cfg.TEST.SEM_SEG.MODE = "whole"
+    torch.manual_seed(0)
+    model = randomize_layernorm(randomize_batchnorm(build_model(cfg))).eval()
+    path, metadata = export_model(cfg, model, sample_image((64, 64), 0), (64, 64), str(tmp_path), fmt, score_maps=True)
+    assert metadata["outputs"] == ["score_maps", "sem_seg"] and metadata["max_input_side"] is None
+    predictor = exported_predictor.ExportedPredictor(path)
+    for seed, (size, (height, width)) in enumerate(TEST_SIZES, start=1):
+        image = sample_image(size, seed)
+        eager = eager_outputs(model, image, height, width)
+        exported = predictor.run(image.numpy(), height, width)
+        assert exported["sem_seg"].shape == (3, height, width)
+        assert_close_relative(exported["sem_seg"], eager["sem_seg"].numpy())
+        assert_close_relative(exported["score_maps"], eager["score_maps"].numpy())
 
 
 def test_graph_holds_baked_text_embeddings_not_the_text_encoder(tmp_path):
@@ -148,6 +172,9 @@ def test_what_cannot_be_exported_is_refused(tmp_path):
     big_cfg, big_model = random_model("retinanet", "INPUT.MAX_SIZE_TEST", "160")
     with pytest.raises(ValueError, match="INPUT.MAX_SIZE_TEST 128 or less"):
         export_model(big_cfg, big_model, image, SAMPLE_SIZE, str(tmp_path))
+    sliding = tiny_sem_seg_cfg()
+    with pytest.raises(ValueError, match="TEST.SEM_SEG.MODE whole"):
+        export_model(sliding, build_model(sliding), image, SAMPLE_SIZE, str(tmp_path))
     baseline = tiny_cfg(denseclip=False)
     with pytest.raises(ValueError, match="Detectron2's own tools/deploy/export_model.py"):
         export_model(baseline, build_model(baseline), image, SAMPLE_SIZE, str(tmp_path))

@@ -3,7 +3,7 @@ Export a DenseCLIP model by tracing, as one graph from a resized image to the pr
 
 Graph inputs: ``image`` (3 x h x w float32, 0..255, in INPUT.FORMAT's channel order, resized by the
 config's test rule), ``height`` and ``width`` (int64 scalars, the original image's size).
-Graph outputs, by name (:func:`output_names`): ``boxes`` (N x 4, XYXY on the original image),
+Graph outputs, by name (listed in the file's metadata): ``boxes`` (N x 4, XYXY on the original image),
 ``scores`` (N), ``classes`` (N, int64), ``masks`` (N x H x W, bool; Mask R-CNN), ``sem_seg``
 (C x H x W logits; semantic segmentors), ``score_maps`` (K x H x W score-map logits, when asked).
 
@@ -21,7 +21,7 @@ from torch import nn
 
 from detectron2.export import TracingAdapter, dump_torchscript_IR
 
-from ..modeling.meta_arch.denseclip import DenseCLIPDetector
+from ..modeling.meta_arch.denseclip import DenseCLIPDetector, DenseCLIPModel
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -81,17 +81,18 @@ def baked_text_embeddings(model: nn.Module, vocabulary: Optional[Sequence[str]])
         score_map.text_encoder = text_encoder
 
 
-def max_input_side(model: nn.Module) -> Optional[int]:
+def max_input_side(cfg, model: nn.Module) -> Optional[int]:
     """
     The largest side (pixels, after resizing) an exported graph of ``model`` handles, or None.
 
-    An attention pool that takes the top-left part of its positional grid interpolates the grid
-    instead when the feature map is larger; tracing records only the branch the sample took, so the
-    graph keeps images within the grid (the sample always is: see :func:`check_exportable`).
+    An attention pool that takes the top-left part of its positional grid (MODEL.CLIP.ATTENTION_POOL_GRID
+    "crop") interpolates the grid instead when the feature map is larger; tracing records only the
+    branch the sample took, so the graph keeps images within the grid (the sample always is: see
+    :func:`check_exportable`). "resize" resizes the grid to every feature map: any size.
     """
     backbone = model.backbone
     pool = getattr(backbone.bottom_up, "attnpool", None)
-    if pool is None or getattr(backbone.bottom_up, "grid_mode", "crop") != "crop":
+    if pool is None or cfg.MODEL.CLIP.ATTENTION_POOL_GRID != "crop":
         return None
     side = int(round((pool.positional_embedding.shape[0] - 1) ** 0.5))
     return side * backbone.bottom_up.output_shape()[backbone.in_feature].stride
@@ -103,11 +104,12 @@ def check_exportable(cfg, model: nn.Module, fmt: str, method: str) -> None:
         raise ValueError(f"--format must be one of {EXPORT_FORMATS}, got {fmt!r}")
     if method not in EXPORT_METHODS:
         raise ValueError(f"--export-method must be one of {EXPORT_METHODS}, got {method!r}")
-    if not isinstance(model, DenseCLIPDetector):
+    if not isinstance(model, DenseCLIPModel):
         raise ValueError(
-            f"Export covers DenseCLIP meta-architectures (DenseCLIPRetinaNet, DenseCLIPRCNN); "
-            f"MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE}. A CLIP baseline on a stock "
-            f"Detectron2 meta-architecture exports with Detectron2's own tools/deploy/export_model.py."
+            f"Export covers DenseCLIP meta-architectures (DenseCLIPRetinaNet, DenseCLIPRCNN, "
+            f"DenseCLIPSemanticSegmentor); MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE}. A CLIP "
+            f"baseline on a stock Detectron2 meta-architecture exports with Detectron2's own "
+            f"tools/deploy/export_model.py."
         )
     if method == "scripting":
         raise ValueError(
@@ -118,7 +120,13 @@ def check_exportable(cfg, model: nn.Module, fmt: str, method: str) -> None:
         )
     if cfg.TEST.AUG.ENABLED:
         raise ValueError("Test-time augmentation (TEST.AUG.ENABLED) is not part of an exported graph; set it False")
-    side = max_input_side(model)
+    if getattr(model, "test_mode", "whole") != "whole":
+        raise ValueError(
+            f"TEST.SEM_SEG.MODE {model.test_mode}: the number of windows depends on the image size, which a "
+            f"traced graph fixes at the sample's. Export with TEST.SEM_SEG.MODE whole (the resized image at "
+            f"once; any size)."
+        )
+    side = max_input_side(cfg, model)
     if side is not None and cfg.INPUT.MAX_SIZE_TEST > side:
         raise ValueError(
             f"INPUT.MAX_SIZE_TEST {cfg.INPUT.MAX_SIZE_TEST} is larger than the attention pool's positional "
@@ -163,7 +171,9 @@ def _export_mode(model: nn.Module, score_maps: bool, vocabulary: Optional[Sequen
 
 
 def _metadata(cfg, model: nn.Module, fmt: str, outputs: List[str]) -> Dict:
+    detector = isinstance(model, DenseCLIPDetector)
     retinanet = cfg.MODEL.META_ARCHITECTURE == "DenseCLIPRetinaNet"
+    score_threshold = cfg.MODEL.RETINANET.SCORE_THRESH_TEST if retinanet else cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
     return {
         "format": fmt,
         "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
@@ -172,11 +182,11 @@ def _metadata(cfg, model: nn.Module, fmt: str, outputs: List[str]) -> Dict:
         "input_format": cfg.INPUT.FORMAT,
         "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
         "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
-        "max_input_side": max_input_side(model),
+        "max_input_side": max_input_side(cfg, model),
         "class_names": list(model.backbone.class_names),
         "score_map_names": model.score_map_names if "score_maps" in outputs else [],
-        "score_threshold": cfg.MODEL.RETINANET.SCORE_THRESH_TEST if retinanet else cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
-        "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+        "score_threshold": score_threshold if detector else None,
+        "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE if detector else None,
         "mask_threshold": 0.5 if "masks" in outputs else None,
         "torch": torch.__version__,
         "onnx_opset": ONNX_OPSET if fmt == "onnx" else None,
