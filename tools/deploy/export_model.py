@@ -7,7 +7,7 @@ Export a trained DenseCLIP model to TorchScript or ONNX, and optionally evaluate
         MODEL.WEIGHTS output/model_final.pth
 
 writes output/export/model.ts (or model.onnx): one traced graph from a resized image to boxes, scores,
-classes, masks and score maps on the original image, with the text embeddings computed once and stored
+classes, masks (or a semantic segmentation) and score maps on the original image, with the text embeddings computed once and stored
 in it. tools/deploy/exported_predictor.py runs it without this package (see its docstring).
 --run-eval then evaluates the written file on DATASETS.TEST[0] with the evaluators of train_net.py.
 """
@@ -27,7 +27,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.logger import setup_logger
 
-from denseclip import DenseCLIPCheckpointer, get_denseclip_cfg, register_coco_format_datasets
+from denseclip import DenseCLIPCheckpointer, get_denseclip_cfg, register_datasets_from_config
 from denseclip.engine import DenseCLIPTrainer
 from denseclip.export import EXPORT_FORMATS, EXPORT_METHODS, export_model
 
@@ -125,7 +125,7 @@ def main(argv=None):
     args = parse_args(argv)
     logger = setup_logger(name="denseclip")
     cfg = get_denseclip_cfg(args.config_file, args.opts)
-    register_coco_format_datasets(cfg)
+    register_datasets_from_config(cfg)  # DATASETS.COCO_FORMAT.*, DATASETS.SEM_SEG_FOLDERS.*, as train_net.py
     cfg.DATALOADER.NUM_WORKERS = 0
     cfg.freeze()
     os.makedirs(args.output, exist_ok=True)
