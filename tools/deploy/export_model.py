@@ -7,8 +7,8 @@ Export a trained DenseCLIP model to TorchScript or ONNX, and optionally evaluate
         MODEL.WEIGHTS output/model_final.pth
 
 writes output/export/model.ts (or model.onnx): one traced graph from a resized image to boxes, scores,
-classes, masks (or a semantic segmentation) and score maps on the original image, with the text embeddings computed once and stored
-in it. tools/deploy/exported_predictor.py runs it without this package (see its docstring).
+classes, masks (or a semantic segmentation) and score maps on the original image, with the text
+embeddings computed once and stored in it. tools/deploy/exported_predictor.py runs it without this package (see its docstring).
 --run-eval then evaluates the written file on DATASETS.TEST[0] with the evaluators of train_net.py.
 """
 import argparse
