@@ -9,7 +9,7 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from denseclip import get_denseclip_cfg
-from denseclip.data.datasets.shapes import register_shapes
+from denseclip.data.datasets.shapes import register_shapes, register_shapes_sem_seg
 from denseclip.engine import DenseCLIPPredictor
 from denseclip.utils.visualization import render_prediction
 
@@ -121,3 +121,58 @@ def test_demo_on_a_video(quickstart_run, tmp_path):
     assert int(written.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
     ok, frame = written.read()
     assert ok and frame.shape[:2] == (512, 512)  # drawn enlarged, like the pictures
+
+
+SEMSEG_CONFIG = "configs/Shapes-SemanticSegmentation/semantic_fpn_denseclip_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def semseg_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quickstart_semseg")
+    output_dir = str(root / "output")
+    result = run_script(
+        ["tools/quickstart.py", "--task", "semseg", "--num-pictures", "2", "OUTPUT_DIR", output_dir,
+         "SOLVER.MAX_ITER", "10", "SOLVER.WARMUP_ITERS", "5", "SOLVER.IMS_PER_BATCH", "4"],
+        env={"DETECTRON2_DATASETS": str(root / "datasets")},
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    return output_dir, result.stdout
+
+
+def test_semseg_quickstart_prints_miou_and_writes_model_results_pictures(semseg_run):
+    output_dir, stdout = semseg_run
+    assert SEMSEG_CONFIG in stdout and "eta:" in stdout
+    assert "label maps (SemSegEvaluator): mIoU" in stdout and "untrained model: mIoU" in stdout
+    weights = os.path.join(output_dir, "model_final.pth")
+    assert f"with the trained weights {weights}" in stdout
+    with open(os.path.join(output_dir, "results.json")) as f:
+        results = json.load(f)
+    assert set(results) == {"weights", "sem_seg", "sem_seg_untrained"}
+    assert results["weights"] == weights and os.path.isfile(weights)
+    for key in ("sem_seg", "sem_seg_untrained"):
+        assert 0 <= results[key]["mIoU"] <= 100 and "IoU-background" in results[key]
+    pictures = sorted(os.listdir(os.path.join(output_dir, "pictures")))
+    assert pictures == ["00000_predictions.png", "00000_score_maps.png", "00001_predictions.png", "00001_score_maps.png"]
+
+
+def test_semseg_pictures_are_drawn_by_the_trained_weights(semseg_run):
+    """Redrawn from a predictor loaded from model_final.pth, a val image's label-map and score-map pictures
+    are the quick start's, pixel for pixel; drawn by the untrained model, its score maps are not."""
+    output_dir, _ = semseg_run
+    root = os.path.join(os.path.dirname(output_dir), "datasets", "shapes")
+    register_shapes_sem_seg(root=root, prefix="quickstart_test_sem_seg")
+    dataset = "quickstart_test_sem_seg_val"
+    record = DatasetCatalog.get(dataset)[0]
+    image = cv2.imread(record["file_name"])
+
+    def pictures(weights):
+        cfg = get_denseclip_cfg(SEMSEG_CONFIG, ["MODEL.WEIGHTS", weights, "DATASETS.TEST", f"('{dataset}',)"])
+        predictor = DenseCLIPPredictor(cfg, score_maps=True)
+        return render_prediction(image, predictor(image), MetadataCatalog.get(dataset), predictor.score_map_names)
+
+    drawn = [cv2.imread(os.path.join(output_dir, "pictures", f"00000_{kind}.png")) for kind in ("predictions", "score_maps")]
+    trained = pictures(os.path.join(output_dir, "model_final.pth"))
+    untrained = pictures("")
+    for quickstart, redrawn in zip(drawn, trained):
+        assert np.array_equal(quickstart, redrawn)
+    assert not np.array_equal(drawn[1], untrained[1])

@@ -88,3 +88,23 @@ def test_render_prediction_draws_confident_detections_on_the_bgr_image():
     outside[80 - 16 : 400 + 16, 80 - 16 : 320 + 16] = False  # the box [10, 10, 40, 50] x 8, with a margin
     assert not changed[outside].any()
     assert changed[100:380, 76:84].mean() > 0.9 and changed[100:380, 316:324].mean() > 0.9  # left, right sides
+
+
+def test_label_map_picture_colours_each_class_and_has_a_legend():
+    """A 64 x 64 map (left half class 0, right half class 1) drawn at 512 px: each half is tinted towards
+    its class colour, and the legend strip below shows both colours."""
+    from detectron2.data.catalog import Metadata
+
+    from denseclip.utils.visualization import draw_sem_seg
+
+    image = np.full((64, 64, 3), 128, np.uint8)
+    labels = np.zeros((64, 64), np.int64)
+    labels[:, 32:] = 1
+    colours = [[255, 0, 0], [0, 0, 255]]
+    picture = draw_sem_seg(image, labels, Metadata(stuff_classes=["left", "right"], stuff_colors=colours))
+    assert picture.shape[1] == 512 and picture.shape[0] > 512  # enlarged 8x, legend below
+    left, right = picture[200:300, 20:100].reshape(-1, 3).mean(0), picture[200:300, 412:492].reshape(-1, 3).mean(0)
+    assert left[0] > left[2] + 50 and right[2] > right[0] + 50
+    legend = picture[512:].reshape(-1, 3)
+    for colour in colours:
+        assert (np.abs(legend.astype(int) - colour).sum(1) == 0).sum() > 100  # a swatch of at least 10 x 10

@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """
-The quick start: train a small DenseCLIP Mask R-CNN on the generated shapes dataset on CPU, evaluate
-box and mask AP (COCOEvaluator) and how well its pixel-text score maps locate each class (mean IoU,
-also for the untrained model), and draw the trained model's predictions and score maps.
+The quick start: train a small DenseCLIP model on the generated shapes dataset on CPU, evaluate it and
+the same model untrained (the floor), and draw the trained model's predictions and score maps.
 
-    python tools/quickstart.py [--config-file ...] [--num-pictures N] [KEY VALUE ...]
+--task instance (default): a Mask R-CNN; box and mask AP (COCOEvaluator) and how well its pixel-text
+score maps locate each class (mean IoU). --task semseg: a Semantic FPN on the label maps; mIoU
+(SemSegEvaluator).
+
+    python tools/quickstart.py [--task instance|semseg] [--config-file ...] [--num-pictures N] [KEY VALUE ...]
 """
 import argparse
 import json
@@ -22,29 +25,38 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from denseclip import get_denseclip_cfg, register_datasets_from_config
+from denseclip.data import is_semantic_segmentation
 from denseclip.data.datasets.shapes import ensure_shapes_dataset
 from denseclip.engine import DenseCLIPPredictor, DenseCLIPTrainer
 from denseclip.evaluation import ScoreMapEvaluator
 from denseclip.utils.visualization import render_prediction
 
-DEFAULT_CONFIG = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    "configs/Shapes-InstanceSegmentation/mask_rcnn_denseclip_tiny_FPN.yaml",
-)
+_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+TASK_CONFIGS = {
+    "instance": os.path.join(_CONFIGS, "Shapes-InstanceSegmentation/mask_rcnn_denseclip_tiny_FPN.yaml"),
+    "semseg": os.path.join(_CONFIGS, "Shapes-SemanticSegmentation/semantic_fpn_denseclip_tiny.yaml"),
+}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", default=DEFAULT_CONFIG)
+    parser.add_argument("--task", choices=sorted(TASK_CONFIGS), default="instance",
+                        help="which small config --config-file defaults to (default: %(default)s)")
+    parser.add_argument("--config-file", default=None, help="default: the task's config under configs/Shapes-*")
     parser.add_argument("--num-pictures", type=int, default=8, help="val images to draw")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.config_file = args.config_file or TASK_CONFIGS[args.task]
+    return args
 
 
-def untrained_score_maps(cfg) -> dict:
-    """The score-map metric of the same model before training (same seed, no weights): the floor."""
+def evaluate_untrained(cfg) -> dict:
+    """The floor: the same model before training (random weights), evaluated as the trained one is:
+    mIoU for a semantic segmentor, else the score-map metric."""
     torch.manual_seed(cfg.SEED if cfg.SEED >= 0 else 0)
     model = build_model(cfg)
+    if is_semantic_segmentation(cfg):
+        return DenseCLIPTrainer.test(cfg, model)["sem_seg"]
     model.return_score_maps = True
     dataset = cfg.DATASETS.TEST[0]
     return DenseCLIPTrainer.test(cfg, model, evaluators=[ScoreMapEvaluator(dataset)])["score_maps"]
@@ -64,6 +76,12 @@ def print_results(results: dict) -> None:
             f"  score maps: mean IoU of sigmoid(score) > 0.5 with the class masks: {trained['mIoU']:.1f} "
             f"({per_class}); untrained model: {untrained['mIoU']:.1f}"
         )
+    if "sem_seg" in results:
+        trained, untrained = results["sem_seg"], results["sem_seg_untrained"]
+        per_class = ", ".join(f"{k[4:]} {v:.1f}" for k, v in trained.items() if k.startswith("IoU-"))
+        print(f"  label maps (SemSegEvaluator): mIoU {trained['mIoU']:.1f} ({per_class}), pixel accuracy "
+              f"{trained['pACC']:.1f}")
+        print(f"  untrained model: mIoU {untrained['mIoU']:.1f}, pixel accuracy {untrained['pACC']:.1f}")
 
 
 def write_pictures(cfg, num_pictures: int) -> str:
@@ -107,8 +125,9 @@ def main(args) -> dict:
     trainer.resume_or_load(resume=False)
     results = dict(trainer.train())  # evaluates on DATASETS.TEST at the end
     trained_weights = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-    if "score_maps" in results:
-        results["score_maps_untrained"] = untrained_score_maps(cfg)
+    for task in ("score_maps", "sem_seg"):
+        if task in results:
+            results[f"{task}_untrained"] = evaluate_untrained(cfg)
     print_results(results)
 
     folder = None
@@ -124,7 +143,11 @@ def main(args) -> dict:
     print(f"\nFinished in {(time.perf_counter() - start) / 60:.1f} min. Written to {cfg.OUTPUT_DIR}:")
     print("  model_final.pth   the trained weights (train_net.py --eval-only / demo/demo.py take them)")
     print("  results.json      the numbers above")
-    if folder:
+    if folder and "sem_seg" in results:
+        print("  pictures/         drawn by model_final.pth: *_predictions.png (the predicted label map over the")
+        print("                    image, a legend below), *_score_maps.png (each class's pixel-text score map,")
+        print("                    softmax over the classes, beside the image)")
+    elif folder:
         print("  pictures/         drawn by model_final.pth: *_predictions.png (detections and masks),")
         print("                    *_score_maps.png (each class's pixel-text score map beside the image)")
     return summary

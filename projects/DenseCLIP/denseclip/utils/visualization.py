@@ -1,14 +1,16 @@
-"""Pictures of what DenseCLIP predicts: detections drawn with Detectron2's Visualizer, and each class's
-pixel-text score map as a heatmap beside its image."""
-from typing import Optional, Sequence, Tuple
+"""Pictures of what DenseCLIP predicts: detections or label maps drawn with Detectron2's Visualizer, and
+each class's pixel-text score map as a heatmap beside its image."""
+from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 import torch
 
+from detectron2.data.catalog import Metadata
+from detectron2.utils.colormap import colormap
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-__all__ = ["colour_bar", "draw_instances", "grid_columns", "render_prediction", "score_map_panel"]
+__all__ = ["colour_bar", "draw_instances", "draw_sem_seg", "grid_columns", "render_prediction", "score_map_panel"]
 
 
 def draw_instances(
@@ -54,10 +56,11 @@ def grid_columns(num_tiles: int, max_columns: int) -> int:
     return min(range(2, max_columns + 1), key=lambda c: (-num_tiles % c, -c))
 
 
-def colour_bar(width: int, height: int) -> np.ndarray:
-    """A white strip with the JET colour scale from probability 0 (left) to 1 (right) and its ticks."""
+def colour_bar(width: int, height: int, title: str = "sigmoid(score)") -> np.ndarray:
+    """A white strip with the JET colour scale from probability 0 (left) to 1 (right), its ticks and
+    ``title`` (what the probability is)."""
     strip = np.full((height, width, 3), _BACKGROUND, np.uint8)
-    title = _text_strip("sigmoid(score)", width // 4, height // 2)
+    title = _text_strip(title, width // 4, height // 2)
     strip[: height // 2, : width // 4] = title
     left, right = width // 4 + 8, width - 16
     ramp = np.linspace(0, 255, right - left).round().astype(np.uint8)[None]
@@ -73,12 +76,53 @@ def colour_bar(width: int, height: int) -> np.ndarray:
     return strip
 
 
+def _class_colours(metadata) -> List[List[int]]:
+    """RGB 0-255 colour per stuff class: the metadata's stuff_colors, else Detectron2's colormap in order."""
+    colours = metadata.get("stuff_colors", None)
+    if colours:
+        return [list(c) for c in colours]
+    palette = colormap(rgb=True, maximum=255)
+    return [palette[i % len(palette)].astype(int).tolist() for i in range(len(metadata.stuff_classes))]
+
+
+def _legend(names: Sequence[str], colours: Sequence[Sequence[int]], width: int, cell: int = 170) -> np.ndarray:
+    """RGB strip ``width`` wide: a colour swatch and the name of each class, in rows of width // cell."""
+    columns = max(1, width // cell)
+    rows = -(-len(names) // columns)
+    line = 28
+    strip = np.full((rows * line + 6, width, 3), 255, np.uint8)
+    for i, (name, colour) in enumerate(zip(names, colours)):
+        x, y = (i % columns) * cell + 6, (i // columns) * line + 6
+        cv2.rectangle(strip, (x, y), (x + 20, y + 20), tuple(int(c) for c in colour), -1)
+        cv2.rectangle(strip, (x, y), (x + 20, y + 20), (0, 0, 0), 1)
+        cv2.putText(strip, name, (x + 26, y + 16), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
+    return strip
+
+
+def draw_sem_seg(image_rgb: np.ndarray, labels: np.ndarray, metadata, min_side: int = 512) -> np.ndarray:
+    """
+    RGB picture of a label map: each class's pixels coloured over the image (Detectron2's Visualizer,
+    the class name on each region), enlarged so that its shorter side is at least ``min_side``, with
+    a legend of every class's colour below.
+
+    Args:
+        labels: H x W class indices into ``metadata.stuff_classes``.
+    """
+    names = list(metadata.stuff_classes)
+    colours = _class_colours(metadata)
+    scale = max(1.0, min_side / min(image_rgb.shape[:2]))
+    visualizer = Visualizer(image_rgb, Metadata(stuff_classes=names, stuff_colors=colours), scale=scale)
+    drawn = visualizer.draw_sem_seg(labels, alpha=0.6).get_image()
+    return np.concatenate([drawn, _legend(names, colours, drawn.shape[1])], axis=0)
+
+
 def score_map_panel(
     image_rgb: np.ndarray,
     probabilities: torch.Tensor,
     class_names: Sequence[str],
     min_tile: int = 256,
     columns: int = 4,
+    probability_name: str = "sigmoid(score)",
 ) -> np.ndarray:
     """
     The image followed by one heatmap per name (JET colours over the image), each under its caption
@@ -90,6 +134,7 @@ def score_map_panel(
         image_rgb: H x W x 3 uint8.
         probabilities: K x H x W in [0, 1].
         class_names: K names.
+        probability_name: how ``probabilities`` were computed, the colour bar's title.
     Returns:
         RGB uint8 picture. Tiles are the image enlarged so that its shorter side is at least
         ``min_tile`` (labels stay legible on small images).
@@ -115,7 +160,7 @@ def score_map_panel(
         y, x = (index // num_columns) * cell_h, (index % num_columns) * cell_w
         panel[y : y + caption, x : x + size[0]] = _text_strip(text, size[0], caption, suffix)
         panel[y + caption : y + caption + size[1], x : x + size[0]] = tile
-    panel[num_rows * cell_h :] = colour_bar(panel.shape[1], bar_height)
+    panel[num_rows * cell_h :] = colour_bar(panel.shape[1], bar_height, probability_name)
     return panel
 
 
@@ -127,13 +172,25 @@ def render_prediction(
     score_threshold: float = 0.5,
 ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """
-    BGR pictures of one prediction (a model's output for the image): the detections drawn on the
-    image, and, given ``score_map_names`` (the names of the output's "score_maps"), the panel of the
-    score maps' probabilities (else None).
+    BGR pictures of one prediction (a model's output for the image): the detections (or, for a
+    semantic segmentor's "sem_seg" logits, the label map) drawn on the image, and, given
+    ``score_map_names`` (the names of the output's "score_maps"), the panel of the score maps'
+    probabilities (else None): per-class sigmoids for detectors, whose auxiliary loss scores each
+    class on its own; a softmax over the classes for semantic segmentors, whose auxiliary loss is a
+    cross-entropy over them.
     """
     image_rgb = image_bgr[:, :, ::-1]
-    overlay = draw_instances(image_rgb, predictions["instances"], metadata, score_threshold)[:, :, ::-1]
+    semantic = "sem_seg" in predictions
+    if semantic:
+        labels = predictions["sem_seg"].argmax(dim=0).cpu().numpy()
+        overlay = draw_sem_seg(image_rgb, labels, metadata)[:, :, ::-1]
+    else:
+        overlay = draw_instances(image_rgb, predictions["instances"], metadata, score_threshold)[:, :, ::-1]
     if score_map_names is None:
         return overlay, None
-    probabilities = predictions["score_maps"].float().sigmoid().cpu()
-    return overlay, score_map_panel(image_rgb, probabilities, score_map_names)[:, :, ::-1]
+    score_maps = predictions["score_maps"].float().cpu()
+    if semantic:
+        probabilities, name = score_maps.softmax(dim=0), "softmax(score)"
+    else:
+        probabilities, name = score_maps.sigmoid(), "sigmoid(score)"
+    return overlay, score_map_panel(image_rgb, probabilities, score_map_names, probability_name=name)[:, :, ::-1]
