@@ -6,9 +6,8 @@ import cv2
 import numpy as np
 import torch
 
-from detectron2.data.catalog import Metadata
 from detectron2.utils.colormap import colormap
-from detectron2.utils.visualizer import ColorMode, Visualizer
+from detectron2.utils.visualizer import _OFF_WHITE, ColorMode, Visualizer
 
 __all__ = ["colour_bar", "draw_instances", "draw_sem_seg", "grid_columns", "render_prediction", "score_map_panel"]
 
@@ -101,18 +100,23 @@ def _legend(names: Sequence[str], colours: Sequence[Sequence[int]], width: int, 
 
 def draw_sem_seg(image_rgb: np.ndarray, labels: np.ndarray, metadata, min_side: int = 512) -> np.ndarray:
     """
-    RGB picture of a label map: each class's pixels coloured over the image (Detectron2's Visualizer,
-    the class name on each region), enlarged so that its shorter side is at least ``min_side``, with
-    a legend of every class's colour below.
+    RGB picture of a label map: each class's pixels coloured over the image with their outlines
+    (Detectron2's Visualizer), enlarged so that its shorter side is at least ``min_side``, with a
+    legend of every class's colour below (no names on the regions: a large class's name would land
+    on whatever lies at its centre).
 
     Args:
-        labels: H x W class indices into ``metadata.stuff_classes``.
+        labels: H x W class indices into ``metadata.stuff_classes`` (others are not drawn).
     """
     names = list(metadata.stuff_classes)
     colours = _class_colours(metadata)
     scale = max(1.0, min_side / min(image_rgb.shape[:2]))
-    visualizer = Visualizer(image_rgb, Metadata(stuff_classes=names, stuff_colors=colours), scale=scale)
-    drawn = visualizer.draw_sem_seg(labels, alpha=0.6).get_image()
+    visualizer = Visualizer(image_rgb, scale=scale)
+    for label in np.unique(labels):
+        if 0 <= label < len(names):
+            visualizer.draw_binary_mask((labels == label).astype(np.uint8), color=np.array(colours[label]) / 255,
+                                        edge_color=_OFF_WHITE, alpha=0.6, area_threshold=0)
+    drawn = visualizer.output.get_image()
     return np.concatenate([drawn, _legend(names, colours, drawn.shape[1])], axis=0)
 
 
