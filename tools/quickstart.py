@@ -64,7 +64,8 @@ def evaluate_untrained(cfg) -> dict:
 
 def print_results(results: dict) -> None:
     print("\nEvaluation on the generated val split:")
-    print(f"  {'':<28}{'AP':>7}{'AP50':>7}{'AP75':>7}")
+    if "bbox" in results:
+        print(f"  {'':<28}{'AP':>7}{'AP50':>7}{'AP75':>7}")
     for task, name in (("bbox", "boxes (COCOEvaluator)"), ("segm", "masks (COCOEvaluator)")):
         if task in results:
             r = results[task]
