@@ -1,5 +1,5 @@
 """
-The CUDA path, on a GPU: training of the shapes configs in float32 (equal to the CPU's) and with AMP,
+The CUDA path, on a GPU: training of the shapes configs (detection, instance and semantic segmentation) in float32 (equal to the CPU's) and with AMP,
 PyTorch's SyncBatchNorm in one and two processes, inference with score maps and a vocabulary (equal
 to the CPU's), and a converted release checkpoint evaluated. Skipped where torch.cuda.is_available()
 is False (``pytest -ra`` says so); ``pytest -m cuda`` runs only these.
@@ -126,6 +126,44 @@ def test_float32_training_steps_equal_the_cpu(kind):
         for name in expected:
             assert got[name] == pytest.approx(expected[name], rel=1e-3, abs=1e-5), (iteration, name)
     assert on_cpu[-1] != on_cpu[0]  # the steps changed the model
+
+
+SEM_SEG_CONFIG = "configs/Shapes-SemanticSegmentation/semantic_fpn_denseclip_tiny.yaml"
+
+
+def sem_seg_batch(num_classes=6, size=128, images=2):
+    """Training inputs of size x size with a label map of random rectangles (255 in one corner: ignored)."""
+    generator = torch.Generator().manual_seed(0)
+    batch = []
+    for _ in range(images):
+        labels = torch.full((size, size), num_classes - 1, dtype=torch.long)
+        for _ in range(3):
+            x0, y0 = torch.randint(0, size // 2, (2,), generator=generator).tolist()
+            labels[y0 : y0 + size // 3, x0 : x0 + size // 3] = int(torch.randint(num_classes - 1, (1,), generator=generator))
+        labels[:8, :8] = 255
+        image = torch.rand(3, size, size, generator=generator) * 255
+        batch.append({"image": image, "height": size, "width": size, "sem_seg": labels})
+    return batch
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_semantic_segmentor_training_on_cuda(amp):
+    """Float32 steps equal the CPU's; with autocast the first step's losses equal float32's up to rounding."""
+    opts = ["MODEL.DENSECLIP.CONTEXT_DECODER.DROPOUT", "0.0", "MODEL.SEM_SEG_HEAD.DROPOUT", "0.0", "SOLVER.OPTIMIZER", "SGD"]
+    cpu_cfg, cuda_cfg = (load_cfg(SEM_SEG_CONFIG, ["MODEL.DEVICE", device, *opts]) for device in ("cpu", DEVICE))
+    torch.manual_seed(0)
+    state = build_model(cpu_cfg).state_dict()
+    batch = sem_seg_batch()
+    on_cpu = sgd_losses(cpu_cfg, state, batch, iterations=3)
+    with torch.autocast("cuda", enabled=amp):
+        on_cuda = sgd_losses(cuda_cfg, state, batch, iterations=1 if amp else 3)
+    assert set(on_cuda[0]) == {"loss_sem_seg", "loss_score_map"}
+    assert all(np.isfinite(list(losses.values())).all() for losses in on_cuda)
+    tolerance = dict(rel=2e-2, abs=1e-3) if amp else dict(rel=1e-3, abs=1e-5)
+    for iteration, (expected, got) in enumerate(zip(on_cpu, on_cuda)):
+        for name in expected:
+            assert got[name] == pytest.approx(expected[name], **tolerance), (iteration, name)
+    assert on_cpu[-1] != on_cpu[0]
 
 
 def run_trainer(cfg, iterations):
