@@ -8,7 +8,7 @@ from setuptools import find_packages, setup
 setup(
     name="denseclip-detectron2",
     version="0.1.0",
-    description="DenseCLIP (CVPR 2022) for object detection and instance segmentation on Detectron2",
+    description="DenseCLIP (CVPR 2022) for object detection, instance and semantic segmentation on Detectron2",
     python_requires=">=3.10",
     package_dir={"": "projects/DenseCLIP"},
     packages=find_packages(where="projects/DenseCLIP"),
