@@ -249,15 +249,17 @@ def release_fpn_and_head(inputs, state, align_corners=False):
     return outs, logits
 
 
+@pytest.mark.parametrize("height, width", [(64, 96), (72, 100)], ids=["multiple_of_32", "not_multiple_of_32"])
 @pytest.mark.parametrize("vit", [False, True], ids=["resnet", "vit"])
-def test_converted_fpn_and_decode_head_follow_mmsegmentation(vit):
+def test_converted_fpn_and_decode_head_follow_mmsegmentation(vit, height, width):
+    """Also on an image whose sides are not multiples of 32, which the release runs as it is: its FPN
+    resizes each level to the finer one's size, its head each level to stride 4."""
     cfg = tiny(True, vit)
     state = release_semseg_table(cfg, True, vit, len(CLASSES)).values(seed=1)
     model, converted, _ = convert(cfg, state)
     model.load_state_dict(converted)
     captured = {}
     model.backbone.neck.register_forward_pre_hook(lambda module, args: captured.update(features=dict(args[0])))
-    height, width = 64, 96
     image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(2)) * 255
     with torch.no_grad():
         (output,) = model([{"image": image, "height": height, "width": width}])

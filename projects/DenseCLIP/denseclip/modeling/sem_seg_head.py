@@ -42,7 +42,8 @@ class SemanticFPNHead(SemSegFPNHead):
     """
     Detectron2's SemSegFPNHead (per level max(1, log2(stride / 4)) blocks of 3x3 conv + norm + ReLU,
     each followed by x2 bilinear upsampling above stride 4; the levels summed; a 1x1 classifier),
-    with what the release's head (MMSegmentation's FPNHead) adds: Dropout2d before the classifier
+    with what the release's head (MMSegmentation's FPNHead) adds: each level resized to the stride-4
+    size before the sum (inputs of any size), Dropout2d before the classifier
     (MODEL.SEM_SEG_HEAD.DROPOUT), logits resized bilinearly to the label map for the loss, and the
     loss averaged over all pixels or valid ones (MODEL.SEM_SEG_HEAD.LOSS_NORMALIZATION). "SyncBN" runs
     as Detectron2's NaiveSyncBatchNorm on CPU.
@@ -82,9 +83,11 @@ class SemanticFPNHead(SemSegFPNHead):
         return self.predictor.out_channels
 
     def layers(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """B x K x h x w logits at the first level's size (stride 4); each coarser level's output is
+        resized to it bilinearly, as MMSegmentation's FPNHead does (a no-op where the sizes halve exactly)."""
         x = self.scale_heads[0](features[self.in_features[0]])
         for name, head in zip(self.in_features[1:], self.scale_heads[1:]):
-            x = x + head(features[name])
+            x = x + F.interpolate(head(features[name]), size=x.shape[-2:], mode="bilinear", align_corners=False)
         return self.predictor(self.dropout(x))
 
     def losses(self, predictions: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from .language_guided import is_language_guided, with_language_guidance
 
 __all__ = [
     "LastLevelP6P7",
+    "SizeMatchingFPN",
     "build_attention_pool_fpn_backbone",
     "build_clip_fpn_backbone",
     "build_fpn",
@@ -42,11 +43,36 @@ class LastLevelP6P7(fpn.LastLevelP6P7):
         return [p6, self.p7(F.relu(p6) if self.relu_before_p7 else p6)]
 
 
+class SizeMatchingFPN(FPN):
+    """
+    Detectron2's FPN whose top-down path upsamples each level to the size of the next finer one
+    (nearest), as MMSegmentation's FPN does, instead of doubling it. The two agree when each level is
+    half the next; on inputs whose sides are not multiples of the top stride (a whole image, or a
+    window smaller than the crop size, run unpadded as the release runs it) only this one works.
+    """
+
+    def forward(self, x):
+        bottom_up_features = self.bottom_up(x)
+        prev_features = self.lateral_convs[0](bottom_up_features[self.in_features[-1]])
+        results = [self.output_convs[0](prev_features)]
+        for lateral_conv, output_conv, name in zip(
+            self.lateral_convs[1:], self.output_convs[1:], self.in_features[-2::-1]
+        ):
+            lateral_features = lateral_conv(bottom_up_features[name])
+            prev_features = lateral_features + F.interpolate(
+                prev_features, size=lateral_features.shape[-2:], mode="nearest"
+            )
+            if self._fuse_type == "avg":
+                prev_features = prev_features / 2
+            results.insert(0, output_conv(prev_features))
+        return dict(zip(self._out_features, results))
+
+
 def build_fpn(cfg, bottom_up: Backbone, top: str) -> FPN:
     """
     Detectron2's FPN on MODEL.FPN.IN_FEATURES of ``bottom_up``, with ``top`` (:data:`TOP_BLOCKS`): a
     max-pooled P6 for two-stage detectors, RetinaNet's P6/P7 computed from the top input feature
-    (score maps included), or nothing for semantic segmentation.
+    (score maps included), or nothing for semantic segmentation (then a :class:`SizeMatchingFPN`).
     """
     in_features = cfg.MODEL.FPN.IN_FEATURES
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
@@ -57,8 +83,14 @@ def build_fpn(cfg, bottom_up: Backbone, top: str) -> FPN:
         )
     elif top == "maxpool":
         top_block = LastLevelMaxPool()
-    elif top == "none":
-        top_block = None
+    elif top == "none":  # semantic segmentation, which runs windows of any size
+        return SizeMatchingFPN(
+            bottom_up=bottom_up,
+            in_features=in_features,
+            out_channels=out_channels,
+            norm=cfg.MODEL.FPN.NORM,
+            fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+        )
     else:
         raise ValueError(f"FPN top block must be one of {TOP_BLOCKS}, got {top!r}")
     return FPN(

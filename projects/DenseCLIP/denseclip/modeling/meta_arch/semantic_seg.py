@@ -15,7 +15,9 @@ Interface:
   plus "score_maps" (K x H x W score-map logits there) for DenseCLIP with
   MODEL.DENSECLIP.RETURN_SCORE_MAPS. TEST.SEM_SEG.MODE "whole" runs the image at once, "slide" runs
   TEST.SEM_SEG.CROP_SIZE windows every TEST.SEM_SEG.STRIDE pixels and averages their logits.
-  Each image is run on its own, padded to the backbone's size divisibility.
+  Each image (or window) is run on its own at its own size, as the release runs it: not padded to the
+  backbone's size divisibility, so the FPN and head resize between levels (SizeMatchingFPN,
+  SemanticFPNHead). Training batches are padded, as in Detectron2.
 """
 from typing import Dict, List, Sequence, Tuple
 
@@ -122,19 +124,21 @@ class SlidingWindowSemanticSegmentor(SemanticSegmentor):
         _, losses = self.sem_seg_head(self.backbone(images.tensor), targets)
         return losses
 
+    def head_logits(self, features: Dict[str, torch.Tensor], size: Sequence[int]) -> torch.Tensor:
+        """The head's B x K x h x w logits at its output stride (its ``layers``, as in Detectron2's
+        sem-seg heads) resized bilinearly to ``size`` (H, W), as the release resizes its decode head's."""
+        logits = self.sem_seg_head.layers(features)
+        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
     def predict(self, images: ImageList) -> Dict[str, torch.Tensor]:
-        """Eval-mode outputs of a padded batch, each B x K x H x W at the padded size: {"sem_seg": logits}."""
-        logits, _ = self.sem_seg_head(self.backbone(images.tensor), None)
-        return {"sem_seg": logits}
+        """Eval-mode outputs of a batch, each B x K x H x W at the input's size: {"sem_seg": logits}."""
+        features = self.backbone(images.tensor)
+        return {"sem_seg": self.head_logits(features, images.tensor.shape[-2:])}
 
     def predict_window(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """:meth:`predict` on one normalised 3 x h x w image, padded to the size divisibility and the
-        outputs cut back to h x w: {name: K x h x w}."""
-        height, width = image.shape[-2:]
-        images = ImageList.from_tensors(
-            [image], self.backbone.size_divisibility, padding_constraints=self.backbone.padding_constraints
-        )
-        return {name: out[0, :, :height, :width] for name, out in self.predict(images).items()}
+        """:meth:`predict` on one normalised 3 x h x w image, run at its own size as the release runs
+        it (not padded to the size divisibility: the FPN and head resize between levels): {name: K x h x w}."""
+        return {name: out[0] for name, out in self.predict(ImageList(image[None], [tuple(image.shape[-2:])])).items()}
 
     def segment(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Whole-image or sliding-window outputs of one normalised 3 x H x W image: {name: K x H x W}."""
@@ -196,8 +200,7 @@ class DenseCLIPSemanticSegmentor(DenseCLIPModel, SlidingWindowSemanticSegmentor)
 
     def predict(self, images: ImageList) -> Dict[str, torch.Tensor]:
         features, score_map = self.extract_features(images)
-        logits, _ = self.sem_seg_head(features, None)
-        outputs = {"sem_seg": logits}
+        outputs = {"sem_seg": self.head_logits(features, images.tensor.shape[-2:])}
         if self.return_score_maps:
             outputs["score_maps"] = F.interpolate(
                 score_map, size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
