@@ -114,7 +114,7 @@ def test_exported_graph_matches_eager_on_other_sizes(kind, fmt, tmp_path):
 @pytest.mark.parametrize("vit, fmt", [(False, "onnx"), (True, "torchscript")])
 def test_semantic_segmentor_export_matches_eager_on_other_sizes(vit, fmt, tmp_path):
     """The ADE20K Semantic FPN configs shrunk (CLIP ResNet or ViT), whole-image test. The sample is 64 x 64,
-    where the positional grid needs no resizing; the other sizes need it."""
+    where the positional grid needs no resizing; the other sizes need it, and one is not a multiple of 32."""
     cfg = tiny_sem_seg_cfg(vit=vit)
     cfg.TEST.SEM_SEG.MODE = "whole"
     torch.manual_seed(0)
@@ -122,7 +122,8 @@ def test_semantic_segmentor_export_matches_eager_on_other_sizes(vit, fmt, tmp_pa
     path, metadata = export_model(cfg, model, sample_image((64, 64), 0), (64, 64), str(tmp_path), fmt, score_maps=True)
     assert metadata["outputs"] == ["score_maps", "sem_seg"] and metadata["max_input_side"] is None
     predictor = exported_predictor.ExportedPredictor(path)
-    for seed, (size, (height, width)) in enumerate(TEST_SIZES, start=1):
+    odd = ((100, 76), (100, 76))  # run unpadded: the FPN and head resize between levels of uneven sizes
+    for seed, (size, (height, width)) in enumerate([*TEST_SIZES, odd], start=1):
         image = sample_image(size, seed)
         eager = eager_outputs(model, image, height, width)
         exported = predictor.run(image.numpy(), height, width)
