@@ -156,6 +156,20 @@ def test_head_loss_averages_over_all_pixels():
     assert losses["loss_sem_seg"].item() == pytest.approx(all_pixel_mean_cross_entropy(logits, labels), rel=1e-4)
 
 
+def test_classifier_starts_from_pytorch_default_init_as_the_release():
+    """The release never calls its decode head's init_weights, so conv_seg keeps nn.Conv2d's default:
+    weight and bias uniform in +-1/sqrt(fan_in). Detectron2's MSRA fill (normal, std sqrt(2 / classes))
+    would give 3 classes on 256 channels a std of 0.82 (150 classes 0.115), far outside that bound."""
+    cfg = tiny_sem_seg_cfg()
+    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 256
+    torch.manual_seed(0)
+    predictor = build_model(cfg).sem_seg_head.predictor
+    bound = 1 / 256 ** 0.5
+    assert predictor.weight.abs().max() <= bound and predictor.bias.abs().max() <= bound
+    assert abs(float(predictor.weight.std()) - bound / 3 ** 0.5) < 0.003  # uniform's std, not a narrower init
+    assert float(predictor.bias.abs().max()) > bound / 2  # the bias too, not zeros
+
+
 def test_score_map_joins_res5_as_cosine_similarity():
     cfg = no_dropout(tiny_sem_seg_cfg())
     model = build_model(cfg).eval()

@@ -63,6 +63,10 @@ class SemanticFPNHead(SemSegFPNHead):
             )
         self.dropout = nn.Dropout2d(dropout)
         self.loss_normalization = loss_normalization
+        # The release's classifier keeps PyTorch's default init (its training script never calls the head's
+        # init_weights). Detectron2's MSRA fill instead gives a few-class classifier large initial logits
+        # (loss about 7 for 6 classes), whose gradients slow AdamW's first thousand steps.
+        self.predictor.reset_parameters()
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
