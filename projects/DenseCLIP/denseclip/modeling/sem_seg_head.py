@@ -91,7 +91,11 @@ class SemanticFPNHead(SemSegFPNHead):
         resized to it bilinearly, as MMSegmentation's FPNHead does (a no-op where the sizes halve exactly)."""
         x = self.scale_heads[0](features[self.in_features[0]])
         for name, head in zip(self.in_features[1:], self.scale_heads[1:]):
-            x = x + F.interpolate(head(features[name]), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            y = head(features[name])
+            # A traced graph must keep the resize for the sizes it will see, not the sample's.
+            if torch.jit.is_tracing() or y.shape[-2:] != x.shape[-2:]:
+                y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            x = x + y
         return self.predictor(self.dropout(x))
 
     def losses(self, predictions: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
