@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """
 Run a trained DenseCLIP (or CLIP baseline) model on images, a folder, a video or a webcam, and write
-the predictions drawn on each input; --score-maps adds each class's pixel-text score map, --vocabulary
-those of any names.
+the predictions drawn on each input (detections, or a semantic segmentor's label map); --score-maps
+adds each class's pixel-text score map, --vocabulary those of any names.
 
     python demo/demo.py --config-file <config> --input images/*.jpg --output out/ --score-maps \
         --opts MODEL.WEIGHTS output/model_final.pth MODEL.DEVICE cpu
@@ -40,12 +40,12 @@ def get_parser():
     parser.add_argument("--video-input", help="path to a video file")
     parser.add_argument("--input", nargs="+", help="image files, glob patterns or folders")
     parser.add_argument("--output", help="folder (or, for one image or a video, a file) to write to")
-    parser.add_argument("--confidence-threshold", type=float, default=0.5)
+    parser.add_argument("--confidence-threshold", type=float, default=0.5, help="detections drawn (detectors only)")
     parser.add_argument("--score-maps", action="store_true", help="also write per-class score-map heatmaps")
     parser.add_argument(
         "--vocabulary",
         help='score maps of these comma-separated names, e.g. "cat,dog,traffic cone", with the learned '
-        "prompts (implies --score-maps; the detections keep the detector's classes)",
+        "prompts (implies --score-maps; the detections or label map keep the model's classes)",
     )
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
     return parser
@@ -76,6 +76,20 @@ def output_path(output, input_path, suffix, single):
     return os.path.join(output, f"{stem}{suffix}.png")
 
 
+def describe(predictions: dict, demo) -> str:
+    """One line about a prediction: the instances drawn, or the classes of the label map by area."""
+    if "sem_seg" in predictions:
+        labels = predictions["sem_seg"].argmax(dim=0)
+        counts = np.bincount(labels.flatten().cpu().numpy(), minlength=predictions["sem_seg"].shape[0])
+        names = demo.metadata.get("stuff_classes") or [str(k) for k in range(len(counts))]
+        order = [k for k in np.argsort(-counts, kind="stable") if counts[k]]
+        shares = ", ".join(f"{names[k]} {100 * counts[k] / labels.numel():.1f}%" for k in order)
+        return f"label map of {len(order)} classes ({shares})"
+    instances = predictions["instances"]
+    drawn = int((instances.scores >= demo.confidence_threshold).sum())
+    return f"{drawn} of {len(instances)} instances drawn (score >= {demo.confidence_threshold})"
+
+
 def run_on_images(demo, paths, output):
     for path in tqdm.tqdm(paths, disable=not output):
         try:
@@ -84,12 +98,7 @@ def run_on_images(demo, paths, output):
             raise ValueError(f"Cannot read {path} as an image: {e}") from e
         start = time.perf_counter()
         predictions, overlay, panel = demo.run_on_image(image)
-        instances = predictions["instances"]
-        drawn = int((instances.scores >= demo.confidence_threshold).sum())
-        print(
-            f"{path}: {drawn} of {len(instances)} instances drawn (score >= {demo.confidence_threshold}) "
-            f"in {time.perf_counter() - start:.2f}s"
-        )
+        print(f"{path}: {describe(predictions, demo)} in {time.perf_counter() - start:.2f}s")
         if output:
             cv2.imwrite(output_path(output, path, "", len(paths) == 1), overlay)
             if panel is not None:
