@@ -165,6 +165,19 @@ def test_poly_schedule_with_linear_warmup():
     assert image_group["lr"] == pytest.approx(0.1 * head_group["lr"], rel=1e-6)
 
 
+@pytest.mark.parametrize("key", ["BASE_LR", "MAX_ITER"])
+def test_poly_schedule_refuses_a_zero_lr_or_length_by_name(key):
+    from denseclip.solver import build_lr_scheduler
+    from helpers import tiny_sem_seg_cfg
+
+    cfg = tiny_sem_seg_cfg()
+    cfg.SOLVER.POLY_LR_MIN = 0.0
+    optimizer = build_optimizer(cfg, build_model(cfg))
+    cfg.SOLVER[key] = 0
+    with pytest.raises(ValueError, match=r"needs SOLVER.BASE_LR > 0 and SOLVER.MAX_ITER > 0.*--eval-only"):
+        build_lr_scheduler(cfg, optimizer)
+
+
 @pytest.mark.parametrize("name", ["ADAMW", "SGD"])
 def test_multi_tensor_updates_equal_torchs_per_tensor_loop(name):
     """Three steps of the project's optimizer (foreach kernels) against torch's own optimizer over

@@ -113,6 +113,11 @@ def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer):
     """
     if cfg.SOLVER.LR_SCHEDULER_NAME != "WarmupPolyLR":
         return build_detectron2_lr_scheduler(cfg, optimizer)
+    if cfg.SOLVER.BASE_LR <= 0 or cfg.SOLVER.MAX_ITER <= 0:
+        raise ValueError(
+            f"The poly schedule needs SOLVER.BASE_LR > 0 and SOLVER.MAX_ITER > 0, got {cfg.SOLVER.BASE_LR} and "
+            f"{cfg.SOLVER.MAX_ITER}; to evaluate without training use train_net.py --eval-only"
+        )
     if not 0.0 <= cfg.SOLVER.POLY_LR_MIN <= cfg.SOLVER.BASE_LR:
         raise ValueError(
             f"SOLVER.POLY_LR_MIN ({cfg.SOLVER.POLY_LR_MIN}) must lie between 0 and SOLVER.BASE_LR ({cfg.SOLVER.BASE_LR})"
