@@ -333,13 +333,16 @@ def test_semantic_fpn_flops_follow_the_segmentation_release_rules():
         + conv_bn(sizes[2]) + up(sizes[1]) + conv_bn(sizes[1]) + up(sizes[0])
         + conv_bn(sizes[3]) + up(sizes[2]) + conv_bn(sizes[2]) + up(sizes[1]) + conv_bn(sizes[1]) + up(sizes[0])
         + c * k * sizes[0]  # classifier
-        + 4 * k * height * width  # logits resized to the input
     )
+    # Booked to the segmentor, which calls the head's layers: each coarser level resized to stride 4
+    # before the sum, as the release's head does (identities here, counted as in the release's count),
+    # and the logits resized to the input.
+    logits = 3 * up(sizes[0]) + 4 * k * height * width
     assert dict(inference.unsupported) == {}
     assert inference.by_module["backbone.bottom_up.vit"] == vit
     assert inference.by_module["backbone.bottom_up"] == vit + resize + pyramid
     assert inference.by_module["sem_seg_head"] == head
-    assert inference.total == vit + resize + pyramid + fpn + head
+    assert inference.total == vit + resize + pyramid + fpn + head + logits
     assert text.total == 0  # no text encoder in a CLIP baseline
 
 
