@@ -52,27 +52,26 @@ def test_quickstart_prints_results_and_writes_model_results_pictures(quickstart_
     assert pictures == ["00000_predictions.png", "00000_score_maps.png", "00001_predictions.png", "00001_score_maps.png"]
 
 
-def test_pictures_are_drawn_by_the_trained_weights(quickstart_run):
-    """Redrawn from a predictor loaded from model_final.pth, a val image's pictures are the quick start's,
-    pixel for pixel; drawn from the untrained model (no weights), they are not."""
-    output_dir, _ = quickstart_run
-    root = os.path.join(os.path.dirname(output_dir), "datasets", "shapes")
-    register_shapes(root=root, prefix="quickstart_test_shapes")
-    dataset = "quickstart_test_shapes_val"
-    record = DatasetCatalog.get(dataset)[0]
-    image = cv2.imread(record["file_name"])
+def assert_pictures_drawn_by_the_trained_weights(output_dir: str, config: str, dataset: str) -> None:
+    """The first val image's pictures, redrawn from a predictor loaded from model_final.pth, are the quick
+    start's pixel for pixel; the untrained model (no weights) draws other score maps."""
+    image = cv2.imread(DatasetCatalog.get(dataset)[0]["file_name"])
 
     def pictures(weights):
-        cfg = get_denseclip_cfg(CONFIG, ["MODEL.WEIGHTS", weights, "DATASETS.TEST", f"('{dataset}',)"])
+        cfg = get_denseclip_cfg(config, ["MODEL.WEIGHTS", weights, "DATASETS.TEST", f"('{dataset}',)"])
         predictor = DenseCLIPPredictor(cfg, score_maps=True)
         return render_prediction(image, predictor(image), MetadataCatalog.get(dataset), predictor.score_map_names)
 
     drawn = [cv2.imread(os.path.join(output_dir, "pictures", f"00000_{kind}.png")) for kind in ("predictions", "score_maps")]
-    trained = pictures(os.path.join(output_dir, "model_final.pth"))
-    untrained = pictures("")
-    for quickstart, redrawn, fresh in zip(drawn, trained, untrained):
+    for quickstart, redrawn in zip(drawn, pictures(os.path.join(output_dir, "model_final.pth"))):
         assert np.array_equal(quickstart, redrawn)
-    assert not np.array_equal(drawn[1], untrained[1])  # other score maps
+    assert not np.array_equal(drawn[1], pictures("")[1])
+
+
+def test_pictures_are_drawn_by_the_trained_weights(quickstart_run):
+    output_dir, _ = quickstart_run
+    register_shapes(root=os.path.join(os.path.dirname(output_dir), "datasets", "shapes"), prefix="quickstart_test_shapes")
+    assert_pictures_drawn_by_the_trained_weights(output_dir, CONFIG, "quickstart_test_shapes_val")
 
 
 def test_demo_on_a_folder_with_score_maps(quickstart_run, tmp_path):
@@ -159,26 +158,10 @@ def test_semseg_quickstart_prints_miou_and_writes_model_results_pictures(semseg_
 
 
 def test_semseg_pictures_are_drawn_by_the_trained_weights(semseg_run):
-    """Redrawn from a predictor loaded from model_final.pth, a val image's label-map and score-map pictures
-    are the quick start's, pixel for pixel; drawn by the untrained model, its score maps are not."""
     output_dir, _ = semseg_run
-    root = os.path.join(os.path.dirname(output_dir), "datasets", "shapes")
-    register_shapes_sem_seg(root=root, prefix="quickstart_test_sem_seg")
-    dataset = "quickstart_test_sem_seg_val"
-    record = DatasetCatalog.get(dataset)[0]
-    image = cv2.imread(record["file_name"])
-
-    def pictures(weights):
-        cfg = get_denseclip_cfg(SEMSEG_CONFIG, ["MODEL.WEIGHTS", weights, "DATASETS.TEST", f"('{dataset}',)"])
-        predictor = DenseCLIPPredictor(cfg, score_maps=True)
-        return render_prediction(image, predictor(image), MetadataCatalog.get(dataset), predictor.score_map_names)
-
-    drawn = [cv2.imread(os.path.join(output_dir, "pictures", f"00000_{kind}.png")) for kind in ("predictions", "score_maps")]
-    trained = pictures(os.path.join(output_dir, "model_final.pth"))
-    untrained = pictures("")
-    for quickstart, redrawn in zip(drawn, trained):
-        assert np.array_equal(quickstart, redrawn)
-    assert not np.array_equal(drawn[1], untrained[1])
+    register_shapes_sem_seg(root=os.path.join(os.path.dirname(output_dir), "datasets", "shapes"),
+                            prefix="quickstart_test_sem_seg")
+    assert_pictures_drawn_by_the_trained_weights(output_dir, SEMSEG_CONFIG, "quickstart_test_sem_seg_val")
 
 
 def test_demo_on_a_semantic_segmentor(semseg_run, tmp_path):
