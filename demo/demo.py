@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from predictor import VisualizationDemo  # noqa: E402
 
 from denseclip import get_denseclip_cfg, register_datasets_from_config  # noqa: E402
-from denseclip.data import parse_vocabulary  # noqa: E402
+from denseclip.modeling import parse_vocabulary  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 

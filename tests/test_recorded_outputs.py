@@ -158,12 +158,10 @@ def build(name: str):
 
 def run_model(model, inputs, vocabulary=None):
     model.eval()
-    model.vocabulary = vocabulary
-    try:
-        with torch.no_grad():
-            return model(inputs)
-    finally:
-        model.vocabulary = None
+    if vocabulary is not None:
+        inputs = [{**x, "vocabulary": vocabulary} for x in inputs]
+    with torch.no_grad():
+        return model(inputs)
 
 
 def run_tta(cfg, model, inputs):

@@ -26,15 +26,15 @@ from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.utils.analysis import parameter_count_table
 
 from denseclip import get_denseclip_cfg, register_datasets_from_config
-from denseclip.modeling import ContextTextEncoder
+from denseclip.modeling import task_of
 from denseclip.utils.analysis import (
     NUM_BOX_PROPOSALS,
     NUM_MASK_BOXES,
     SEGMENTATION_RULES,
     FlopReport,
     count_flops,
-    is_semantic_segmentor,
     parameter_split,
+    text_encoders,
 )
 
 
@@ -80,7 +80,7 @@ def do_flop(cfg, model, args) -> dict:
         inference.unsupported.update(report.unsupported)
     return {
         "input": f"{args.num_inputs} images of {cfg.DATASETS.TEST[0]}" if args.num_inputs else args.input_size,
-        "counting_rules": SEGMENTATION_RULES if is_semantic_segmentor(model) else None,
+        "counting_rules": SEGMENTATION_RULES if task_of(model).semantic_segmentation else None,
         "rcnn_dummy_workload": rcnn_workload(cfg, model),
         "gflops": round(inference.total / 1e9, 4),
         "gflops_text_encoder": round(text.total / 1e9, 4),
@@ -116,7 +116,7 @@ def print_text(result: dict, model) -> None:
     if "params_m" in result:
         print(parameter_count_table(model, max_depth=2))
         total = result["params_m"] + result["params_m_text_encoder"]
-        where = ", ".join(name for name, module in model.named_modules() if isinstance(module, ContextTextEncoder))
+        where = ", ".join(name for name, module in model.named_modules() if module in text_encoders(model))
         print(f"Parameters: {total:.2f}M in all (the table's model row) = {result['params_m']:.2f}M for inference "
               f"+ {result['params_m_text_encoder']:.2f}M of the frozen text encoder" + (f" ({where})" if where else "")
               + ", left out of the inference count because its output is cached")
@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
             cfg.MODEL.DEVICE = "cpu"
         model = build_model(cfg).eval()
         if args.input_size is None:
-            args.input_size = [1024, 1024] if is_semantic_segmentor(model) else [800, 1280]
+            args.input_size = [1024, 1024] if task_of(model).semantic_segmentation else [800, 1280]
         result = {"config": args.config_file}
         tasks = {"flop": do_flop, "parameter": do_parameter, "structure": lambda *_: {"structure": str(model)}}
         for task in dict.fromkeys(args.tasks):

@@ -25,10 +25,10 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from denseclip import get_denseclip_cfg, register_datasets_from_config
-from denseclip.data import is_semantic_segmentation
 from denseclip.data.datasets.shapes import ensure_shapes_dataset
 from denseclip.engine import DenseCLIPPredictor, DenseCLIPTrainer
 from denseclip.evaluation import ScoreMapEvaluator
+from denseclip.modeling import task_of
 from denseclip.utils.visualization import render_prediction
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -54,10 +54,12 @@ def evaluate_untrained(cfg) -> dict:
     """The floor: the same model before training (random weights), evaluated as the trained one is:
     mIoU for a semantic segmentor, else the score-map metric."""
     torch.manual_seed(cfg.SEED if cfg.SEED >= 0 else 0)
+    if task_of(cfg).semantic_segmentation:
+        return DenseCLIPTrainer.test(cfg, build_model(cfg))["sem_seg"]
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DENSECLIP.RETURN_SCORE_MAPS = True
     model = build_model(cfg)
-    if is_semantic_segmentation(cfg):
-        return DenseCLIPTrainer.test(cfg, model)["sem_seg"]
-    model.return_score_maps = True
     dataset = cfg.DATASETS.TEST[0]
     return DenseCLIPTrainer.test(cfg, model, evaluators=[ScoreMapEvaluator(dataset)])["score_maps"]
 

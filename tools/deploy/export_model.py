@@ -30,6 +30,7 @@ from detectron2.utils.logger import setup_logger
 from denseclip import DenseCLIPCheckpointer, get_denseclip_cfg, register_datasets_from_config
 from denseclip.engine import DenseCLIPTrainer
 from denseclip.export import EXPORT_FORMATS, EXPORT_METHODS, export_model
+from denseclip.modeling import parse_vocabulary
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from exported_predictor import ExportedPredictor  # noqa: E402  (a stand-alone file beside this one)
@@ -103,11 +104,11 @@ def benchmark(model, path: str, image: torch.Tensor, original_size, rounds: int)
     run alternately on the same resized sample after one untimed run each."""
     predictor = ExportedPredictor(path)
     height, width = original_size
-    model.return_score_maps = "score_maps" in predictor.metadata["outputs"]
-    if model.return_score_maps and predictor.score_map_names != predictor.class_names:
-        model.vocabulary = predictor.score_map_names
+    inputs = {"image": image, "height": height, "width": width}
+    if "score_maps" in predictor.metadata["outputs"]:
+        inputs["vocabulary"] = predictor.score_map_names
     runs = {
-        "eager": lambda: model([{"image": image, "height": height, "width": width}]),
+        "eager": lambda: model([inputs]),
         "exported": lambda: predictor.run(image.numpy(), height, width),
     }
     times = {name: [] for name in runs}
@@ -133,7 +134,7 @@ def main(argv=None):
     model = build_model(cfg)
     DenseCLIPCheckpointer(model, text_weights=cfg.MODEL.DENSECLIP.TEXT_WEIGHTS).load(cfg.MODEL.WEIGHTS)
     model.eval()
-    vocabulary = [name.strip() for name in args.vocabulary.split(",")] if args.vocabulary else None
+    vocabulary = parse_vocabulary(args.vocabulary) if args.vocabulary else None
     image, original_size = sample_input(cfg, args.sample_image)
     path, metadata = export_model(
         cfg, model, image, original_size, args.output, args.format, args.export_method,

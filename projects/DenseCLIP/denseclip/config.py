@@ -1,4 +1,8 @@
-"""Config keys added by DenseCLIP. Every key has a default and a one-line comment."""
+"""
+Config keys added by DenseCLIP, one small function per concern, each key with a default and a comment:
+CLIP's encoders (MODEL.CLIP), language guidance (MODEL.DENSECLIP), the heads' release options, own
+data (DATASETS.*), the segmentation input pipeline (INPUT.*) and the solver.
+"""
 from typing import Sequence
 
 import torch
@@ -7,11 +11,19 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 
-def add_denseclip_config(cfg):
+def add_denseclip_config(cfg) -> None:
     """Add DenseCLIP's keys to a Detectron2 config, in place."""
-    # ---------------------------------------------------------------------------------------------
-    # CLIP image encoder (modified ResNet). Defaults are CLIP RN50; RN101 sets LAYERS and EMBED_DIM.
-    # ---------------------------------------------------------------------------------------------
+    add_clip_config(cfg)
+    add_language_guidance_config(cfg)
+    add_head_config(cfg)
+    add_dataset_config(cfg)
+    add_input_config(cfg)
+    add_solver_config(cfg)
+
+
+def add_clip_config(cfg) -> None:
+    """MODEL.CLIP: CLIP's image encoder (modified ResNet, defaults CLIP RN50; RN101 sets LAYERS and
+    EMBED_DIM), its vision transformer (VIT) and its text encoder (TEXT)."""
     cfg.MODEL.CLIP = CN()
     # Blocks per stage res2..res5: [3, 4, 6, 3] for RN50, [3, 4, 23, 3] for RN101.
     cfg.MODEL.CLIP.LAYERS = [3, 4, 6, 3]
@@ -65,13 +77,16 @@ def add_denseclip_config(cfg):
     cfg.MODEL.CLIP.TEXT.LAYERS = 12
     cfg.MODEL.CLIP.TEXT.VOCAB_SIZE = 49408
 
-    # ---------------------------------------------------------------------------------------------
-    # DenseCLIP language guidance: pixel-text score maps concatenated to res5, auxiliary loss.
-    # ---------------------------------------------------------------------------------------------
-    # Whether a detector is language-guided is decided by MODEL.META_ARCHITECTURE: DenseCLIPRetinaNet and
-    # DenseCLIPRCNN are; with the stock RetinaNet or GeneralizedRCNN the same backbone builders give the
-    # "CLIP" baselines (no text, no score map).
+
+def add_language_guidance_config(cfg) -> None:
+    """MODEL.DENSECLIP: pixel-text score maps concatenated to a backbone feature, the auxiliary loss."""
     cfg.MODEL.DENSECLIP = CN()
+    # Whether the backbone builders add language guidance (attention pool embeddings, text encoder,
+    # context decoder, score map). The DenseCLIP meta-architectures (DenseCLIPRetinaNet, DenseCLIPRCNN,
+    # DenseCLIPSemanticSegmentor) set it when they build their backbone, so MODEL.META_ARCHITECTURE alone
+    # decides: with the stock RetinaNet, GeneralizedRCNN or SlidingWindowSemanticSegmentor the same
+    # builders give the "CLIP" baselines. Configs leave it False.
+    cfg.MODEL.DENSECLIP.LANGUAGE_GUIDED = False
     # Class names for the prompts; empty takes the thing_classes of DATASETS.TRAIN[0].
     cfg.MODEL.DENSECLIP.CLASS_NAMES = []
     # Token positions per class name: start token, the name's BPE tokens, end token.
@@ -109,31 +124,30 @@ def add_denseclip_config(cfg):
     cfg.MODEL.DENSECLIP.CONTEXT_DECODER.LAYERS = 3
     cfg.MODEL.DENSECLIP.CONTEXT_DECODER.DROPOUT = 0.1
 
-    # Auxiliary loss on the score map.
-    # For semantic segmentors it is cross-entropy of (cosine / TAU) resized to the label map, averaged
-    # as MODEL.SEM_SEG_HEAD.LOSS_NORMALIZATION says; the detectors' loss is described below.
+    # Auxiliary loss on the score map (ScoreMapLoss), for all three tasks.
     cfg.MODEL.DENSECLIP.SCORE_MAP_LOSS = CN()
     cfg.MODEL.DENSECLIP.SCORE_MAP_LOSS.WEIGHT = 1.0
-    # Stride of the target grid the score map is upsampled to (4 = res2, as in the release).
+    # The targets the score map (cosine / TAU) is trained against; "" takes the task's own, as the
+    # release: "box" for detectors, "label_map" for semantic segmentors.
+    # Detectors: binary cross-entropy per class on a grid of STRIDE, over the cells some object covers;
+    # "box" is the release's rule (cells floor(x1/4) .. floor(x2/4) - 1, so a box inside one cell covers
+    # none; also for Mask R-CNN), "box_overlap" every cell the box overlaps, "mask" every cell the instance
+    # mask touches. Semantic segmentors: "label_map", cross-entropy of the score map resized to the label
+    # map, averaged as MODEL.SEM_SEG_HEAD.LOSS_NORMALIZATION says.
+    cfg.MODEL.DENSECLIP.SCORE_MAP_LOSS.TARGET = ""
+    # Stride of the detectors' target grid the score map is upsampled to (4 = res2, as in the release).
     cfg.MODEL.DENSECLIP.SCORE_MAP_LOSS.STRIDE = 4
-    # Which cells an object covers in the targets: "box", the release's rule (cells floor(x1/4) ..
-    # floor(x2/4) - 1, so a box inside one cell covers none; also for Mask R-CNN); "box_overlap",
-    # every cell the box overlaps; "mask", every cell the instance mask touches.
-    cfg.MODEL.DENSECLIP.SCORE_MAP_LOSS.TARGET = "box"
 
-    # ---------------------------------------------------------------------------------------------
-    # FPN addition.
-    # ---------------------------------------------------------------------------------------------
+
+def add_head_config(cfg) -> None:
+    """The release's options of Detectron2's FPN, RetinaNet and semantic FPN head, and the semantic
+    segmentors' test (TEST.SEM_SEG, TEST.AUG.SCALE_RATIOS)."""
     # RetinaNet's P7 = conv(relu(P6)) as in Detectron2 (True), or conv(P6) as in the release's
     # MMDetection FPN (False).
     cfg.MODEL.FPN.RELU_BEFORE_P7 = False
     # DenseCLIPRetinaNet clips its boxes to the image before NMS, as the release (MMDetection) does;
     # False keeps Detectron2's order (NMS, then clipping), which the stock RetinaNet uses.
     cfg.MODEL.RETINANET.CLIP_BOXES_BEFORE_NMS = True
-
-    # ---------------------------------------------------------------------------------------------
-    # Semantic segmentation (SemanticFPNHead, SlidingWindowSemanticSegmentor, DenseCLIPSemanticSegmentor).
-    # ---------------------------------------------------------------------------------------------
     # Dropout2d rate before the 1x1 classifier of SemanticFPNHead (0.1 in the release's head).
     cfg.MODEL.SEM_SEG_HEAD.DROPOUT = 0.0
     # How label-map cross-entropies are averaged: "valid" pixels only (Detectron2), or "all" pixels,
@@ -150,23 +164,21 @@ def add_denseclip_config(cfg):
     # TEST.AUG.MAX_SIZE. Probabilities (softmax) are averaged over scales and flips.
     cfg.TEST.AUG.SCALE_RATIOS = []
 
-    # ---------------------------------------------------------------------------------------------
-    # Own COCO-format data without code: an annotation JSON and the folder of its images per split.
-    # When set, they are registered as "coco_format_train" / "coco_format_test" and replace
-    # DATASETS.TRAIN / DATASETS.TEST; class names come from the JSON's categories.
-    # ---------------------------------------------------------------------------------------------
+
+def add_dataset_config(cfg) -> None:
+    """Own data without code (DATASETS.COCO_FORMAT, DATASETS.SEM_SEG_FOLDERS)."""
+    # An annotation JSON and the folder of its images per split. When set, they are registered as
+    # "coco_format_train" / "coco_format_test" and replace DATASETS.TRAIN / DATASETS.TEST; class names
+    # come from the JSON's categories.
     cfg.DATASETS.COCO_FORMAT = CN()
     cfg.DATASETS.COCO_FORMAT.TRAIN_JSON = ""
     cfg.DATASETS.COCO_FORMAT.TRAIN_IMAGES = ""
     cfg.DATASETS.COCO_FORMAT.TEST_JSON = ""
     cfg.DATASETS.COCO_FORMAT.TEST_IMAGES = ""
-
-    # ---------------------------------------------------------------------------------------------
-    # Own semantic-segmentation data without code: per split a folder of images and a folder of label
-    # maps (single-channel PNGs of class indices, MODEL.SEM_SEG_HEAD.IGNORE_VALUE for pixels to
-    # ignore), matched by file name. When set, they are registered as "sem_seg_folders_train" /
-    # "sem_seg_folders_test" and replace DATASETS.TRAIN / DATASETS.TEST.
-    # ---------------------------------------------------------------------------------------------
+    # Semantic segmentation: per split a folder of images and a folder of label maps (single-channel PNGs
+    # of class indices, MODEL.SEM_SEG_HEAD.IGNORE_VALUE for pixels to ignore), matched by file name. When
+    # set, they are registered as "sem_seg_folders_train" / "sem_seg_folders_test" and replace
+    # DATASETS.TRAIN / DATASETS.TEST.
     cfg.DATASETS.SEM_SEG_FOLDERS = CN()
     cfg.DATASETS.SEM_SEG_FOLDERS.TRAIN_IMAGES = ""
     cfg.DATASETS.SEM_SEG_FOLDERS.TRAIN_LABELS = ""
@@ -175,11 +187,11 @@ def add_denseclip_config(cfg):
     # Class names of the label values 0, 1, ..., in order; each is a text prompt (at most 3 BPE tokens).
     cfg.DATASETS.SEM_SEG_FOLDERS.CLASS_NAMES = []
 
-    # ---------------------------------------------------------------------------------------------
-    # Semantic-segmentation input pipeline (SemSegDatasetMapper, used for SemanticSegmentor models):
-    # the release's training resize, crop, flip and photometric distortion. Testing resizes with
-    # INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST (the release: 512 / 2048).
-    # ---------------------------------------------------------------------------------------------
+
+def add_input_config(cfg) -> None:
+    """The semantic segmentors' input pipeline (SemSegDatasetMapper): the release's training resize, crop,
+    flip and photometric distortion. Testing resizes with INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST (the
+    release: 512 / 2048)."""
     # Training resize (long, short): a ratio r is drawn from SCALE_RATIO_RANGE_TRAIN and the image is
     # scaled, keeping its aspect ratio, to the largest size whose long side is at most r x SCALE_TRAIN[0]
     # and short side at most r x SCALE_TRAIN[1].
@@ -201,9 +213,9 @@ def add_denseclip_config(cfg):
     # Hue: add an integer in [-delta, delta) to OpenCV's H (0-179, units of 2 degrees).
     cfg.INPUT.PHOTOMETRIC_DISTORTION.HUE_DELTA = 18
 
-    # ---------------------------------------------------------------------------------------------
-    # Solver additions (the release recipe).
-    # ---------------------------------------------------------------------------------------------
+
+def add_solver_config(cfg) -> None:
+    """Solver additions for the release's recipe."""
     # "SGD" or "ADAMW".
     cfg.SOLVER.OPTIMIZER = "SGD"
     # Learning-rate multiplier of the CLIP image encoder (its attention pool included).

@@ -146,7 +146,9 @@ def _describe_model(image_encoder: nn.Module) -> str:
     return _describe_resnet(layers, image_encoder.conv1.weight.shape[0] * 2, image_encoder.embed_dim)
 
 
-def _find_module(model: nn.Module, cls) -> List[tuple]:
+def find_modules(model: nn.Module, cls) -> List[tuple]:
+    """(name, module) of every submodule of ``model`` of type ``cls``: where weights of that kind go,
+    whatever model (detector, segmentor, backbone alone) holds them."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, cls)]
 
 
@@ -281,14 +283,14 @@ def load_clip_weights(
     Raises:
         ValueError if the checkpoint's architecture does not fit the model's, naming both.
     """
-    texts = _find_module(model, ContextTextEncoder)
+    texts = find_modules(model, ContextTextEncoder)
     text_prefix, text_encoder = (texts[0][0] + ".", texts[0][1]) if texts else ("", None)
     if text_only:
         if text_encoder is None:
             raise ValueError("This model has no text encoder to load CLIP's text weights into")
         image_prefix, image_encoder = None, None
     else:
-        encoders = _find_module(model, (CLIPResNet, CLIPVisionTransformer))
+        encoders = find_modules(model, (CLIPResNet, CLIPVisionTransformer))
         if len(encoders) != 1:
             raise ValueError(
                 f"Expected one CLIP image encoder (CLIPResNet, CLIPVisionTransformer) in the model to load "

@@ -8,7 +8,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ..modeling.text_encoder import ContextTextEncoder
-from .clip_weights import as_clip_state_dict, load_clip_weights, read_checkpoint_file
+from .clip_weights import as_clip_state_dict, find_modules, load_clip_weights, read_checkpoint_file
 
 __all__ = ["DenseCLIPCheckpointer"]
 
@@ -52,8 +52,7 @@ class DenseCLIPCheckpointer(DetectionCheckpointer):
                 )
         self._text_encoder_loaded = False
         loaded = super().load(path, *args, **kwargs)
-        has_text_encoder = any(isinstance(m, ContextTextEncoder) for m in self.model.modules())
-        if self.text_weights and has_text_encoder and not self._text_encoder_loaded:
+        if self.text_weights and find_modules(self.model, ContextTextEncoder) and not self._text_encoder_loaded:
             self._load_text_weights()
         return loaded
 
@@ -108,9 +107,7 @@ class DenseCLIPCheckpointer(DetectionCheckpointer):
         text encoder's positional embedding (PROMPT_LENGTH + NUM_CONTEXT positions) and contexts that
         would leave them random and change every prediction: refuse instead."""
         shapes = {key: (tuple(ours), tuple(theirs)) for key, theirs, ours in incorrect_shapes}
-        for name, module in self.model.named_modules():
-            if not isinstance(module, ContextTextEncoder):
-                continue
+        for name, module in find_modules(self.model, ContextTextEncoder):
             positions, contexts = shapes.get(f"{name}.positional_embedding"), shapes.get(f"{name}.contexts")
             if positions is None and contexts is None:
                 continue

@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..modeling import DenseCLIPModel, task_of
 from .clip_weights import read_checkpoint_file
 
 __all__ = [
@@ -224,10 +225,8 @@ def _rules(layout: ReleaseLayout, cfg) -> List[Rule]:
 
 def model_layout(model: nn.Module, cfg, num_classes: int) -> ReleaseLayout:
     """The layout of the model ``cfg`` built, in the release's terms."""
-    from ..modeling.backbone.language_guided import LanguageGuidedBackbone
-
-    detector = "semantic_fpn" if hasattr(model, "sem_seg_head") else "mask_rcnn" if hasattr(model, "roi_heads") else "retinanet"
-    guided = isinstance(getattr(model, "backbone", None), LanguageGuidedBackbone)
+    detector = {"semantic_segmentation": "semantic_fpn", "rcnn": "mask_rcnn", "retinanet": "retinanet"}[task_of(model).name]
+    guided = isinstance(model, DenseCLIPModel)
     if "vit" in cfg.MODEL.BACKBONE.NAME.lower():
         vit = cfg.MODEL.CLIP.VIT
         return ReleaseLayout(detector, guided, (), num_classes, (vit.PATCH_SIZE, vit.WIDTH, vit.LAYERS))

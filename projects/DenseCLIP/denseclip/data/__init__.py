@@ -1,4 +1,4 @@
 from . import datasets  # noqa: F401  (registers the generated dataset)
-from .class_names import parse_vocabulary, resolve_class_names
-from .dataset_mapper import DenseCLIPDatasetMapper, SemSegDatasetMapper, is_semantic_segmentation, read_label_map
+from .class_names import resolve_class_names
+from .dataset_mapper import DenseCLIPDatasetMapper, SemSegDatasetMapper, read_label_map
 from .datasets import register_coco_format_datasets, register_datasets_from_config, register_sem_seg_folder_datasets

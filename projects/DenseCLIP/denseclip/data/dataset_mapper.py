@@ -12,17 +12,11 @@ import detectron2.data.transforms as T
 from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
-from detectron2.modeling import META_ARCH_REGISTRY, SemanticSegmentor
 from detectron2.utils.file_io import PathManager
 
 from .transforms import PhotometricDistortion, RandomScaleResize
 
-__all__ = ["DenseCLIPDatasetMapper", "SemSegDatasetMapper", "is_semantic_segmentation", "read_label_map"]
-
-
-def is_semantic_segmentation(cfg) -> bool:
-    """Whether MODEL.META_ARCHITECTURE is Detectron2's SemanticSegmentor or a subclass of it."""
-    return issubclass(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), SemanticSegmentor)
+__all__ = ["DenseCLIPDatasetMapper", "SemSegDatasetMapper", "read_label_map"]
 
 
 class DenseCLIPDatasetMapper(DatasetMapper):
@@ -79,7 +73,9 @@ class SemSegDatasetMapper(DenseCLIPDatasetMapper):
     def from_config(cls, cfg, is_train: bool = True):
         ignore_value = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
         if not is_train:  # the release's test resize: short side 512, long side at most 2048, keep ratio
+            # (none with MIN_SIZE_TEST 0, Detectron2's convention: multi-scale testing resizes itself)
             augmentations = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)]
+            augmentations = augmentations if cfg.INPUT.MIN_SIZE_TEST > 0 else []
         else:
             augmentations = [RandomScaleResize(cfg.INPUT.SCALE_TRAIN, cfg.INPUT.SCALE_RATIO_RANGE_TRAIN)]
             if cfg.INPUT.CROP.ENABLED:

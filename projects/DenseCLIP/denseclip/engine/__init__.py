@@ -1,2 +1,2 @@
 from .predictor import DenseCLIPPredictor
-from .trainer import DenseCLIPTrainer, check_class_count, head_num_classes
+from .trainer import DenseCLIPTrainer, check_class_count

@@ -1,46 +1,31 @@
 """DenseCLIP's trainer: Detectron2's DefaultTrainer with the release's optimizer and schedule, CLIP-aware
-checkpointing, COCO or mIoU evaluation and distributed training that also works on CPU (gloo)."""
-import logging
+checkpointing, the task's data and evaluation, and distributed training that also works on CPU (gloo)."""
 import os
 import weakref
-from typing import Tuple
 
 import torch
 
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator
-from detectron2.modeling import GeneralizedRCNN, RetinaNet, SemanticSegmentor
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
+from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import DenseCLIPCheckpointer
-from ..data import DenseCLIPDatasetMapper, SemSegDatasetMapper, is_semantic_segmentation, read_label_map
-from ..data.class_names import metadata_classes_key
+from ..data import DenseCLIPDatasetMapper, SemSegDatasetMapper, read_label_map
 from ..evaluation import ScoreMapEvaluator
+from ..modeling import head_num_classes, task_of
 from ..modeling.test_time_augmentation import SemanticSegmentorWithTTA
 from ..solver import build_lr_scheduler, build_optimizer
 
-__all__ = ["DenseCLIPTrainer", "check_class_count", "head_num_classes"]
-
-
-def head_num_classes(model: torch.nn.Module) -> Tuple[int, str]:
-    """The head's class count and the config key that sets it."""
-    if isinstance(model, GeneralizedRCNN):
-        return model.roi_heads.num_classes, "MODEL.ROI_HEADS.NUM_CLASSES"
-    if isinstance(model, RetinaNet):
-        return model.num_classes, "MODEL.RETINANET.NUM_CLASSES"
-    if isinstance(model, SemanticSegmentor):
-        head = model.sem_seg_head
-        return getattr(head, "num_classes", head.predictor.out_channels), "MODEL.SEM_SEG_HEAD.NUM_CLASSES"
-    raise TypeError(f"{type(model).__name__} is neither a RetinaNet, a GeneralizedRCNN nor a SemanticSegmentor")
+__all__ = ["DenseCLIPTrainer", "check_class_count"]
 
 
 def check_class_count(cfg, model: torch.nn.Module) -> None:
     """Test datasets must have as many classes as the training datasets, and every configured dataset
     as many as the head."""
-    expected, key = head_num_classes(model)
-    field = metadata_classes_key(cfg)
+    task = task_of(model)
+    expected, key, field = head_num_classes(model), task.num_classes_key, task.metadata_classes
     counts = {}
     for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
         classes = MetadataCatalog.get(name).get(field, None)
@@ -68,36 +53,38 @@ class DenseCLIPTrainer(DefaultTrainer):
     """DefaultTrainer, with only what DenseCLIP changes overridden."""
 
     def __init__(self, cfg):
-        # DefaultTrainer.__init__, except two things it hard-codes: the checkpointer (ours reads
-        # CLIP weights and saves atomically) and DDP's device_ids (which must be absent on CPU).
-        TrainerBase.__init__(self)
-        logger = logging.getLogger("detectron2")
-        if not logger.isEnabledFor(logging.INFO):
-            setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         if cfg.SOLVER.AMP.ENABLED and torch.device(cfg.MODEL.DEVICE).type != "cuda":
             raise ValueError(
                 "SOLVER.AMP.ENABLED needs a GPU (Detectron2's AMPTrainer scales float16 gradients on "
                 "CUDA). On CPU, train in float32: SOLVER.AMP.ENABLED False."
             )
+        if torch.device(cfg.MODEL.DEVICE).type == "cpu" and comm.get_world_size() > 1:
+            self._init_cpu_processes(cfg)
+        else:
+            super().__init__(cfg)
 
+    def _init_cpu_processes(self, cfg):
+        """DefaultTrainer's construction for several CPU processes (gloo), where its DistributedDataParallel
+        wrapper must not name device ids (PyTorch refuses them for a CPU model): the same objects, built
+        in the same order, with that one argument left out."""
+        TrainerBase.__init__(self)
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-
-        on_gpu = torch.device(cfg.MODEL.DEVICE).type == "cuda"
-        model = create_ddp_model(
-            model, broadcast_buffers=False, device_ids=[comm.get_local_rank()] if on_gpu else None
-        )
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        model = DistributedDataParallel(model, broadcast_buffers=False)
+        self._trainer = SimpleTrainer(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DenseCLIPCheckpointer(
-            model, cfg.OUTPUT_DIR, text_weights=cfg.MODEL.DENSECLIP.TEXT_WEIGHTS, trainer=weakref.proxy(self)
-        )
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
+        self.start_iter, self.max_iter, self.cfg = 0, cfg.SOLVER.MAX_ITER, cfg
         self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        # DefaultTrainer builds a DetectionCheckpointer; this one also reads CLIP weights and saves atomically.
+        self.checkpointer = DenseCLIPCheckpointer(
+            self._trainer.model, self.cfg.OUTPUT_DIR, text_weights=self.cfg.MODEL.DENSECLIP.TEXT_WEIGHTS,
+            trainer=weakref.proxy(self),
+        )
+        return super().build_hooks()
 
     @classmethod
     def build_model(cls, cfg):
@@ -109,7 +96,7 @@ class DenseCLIPTrainer(DefaultTrainer):
     def build_mapper(cfg, is_train: bool):
         """SemSegDatasetMapper (the release's segmentation pipeline) for semantic segmentors, else
         DenseCLIPDatasetMapper (Detectron2's detection pipeline)."""
-        mapper = SemSegDatasetMapper if is_semantic_segmentation(cfg) else DenseCLIPDatasetMapper
+        mapper = SemSegDatasetMapper if task_of(cfg).semantic_segmentation else DenseCLIPDatasetMapper
         return mapper(cfg, is_train=is_train)
 
     @classmethod
@@ -154,7 +141,7 @@ class DenseCLIPTrainer(DefaultTrainer):
         """COCO box (and mask) AP, with MODEL.DENSECLIP.RETURN_SCORE_MAPS also the score maps' IoU; for
         semantic segmentors mIoU (SemSegEvaluator)."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
-        if is_semantic_segmentation(cfg):
+        if task_of(cfg).semantic_segmentation:
             return SemSegEvaluator(dataset_name, output_dir=output_folder, sem_seg_loading_fn=read_label_map)
         tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
         evaluators = [COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)]
@@ -164,12 +151,17 @@ class DenseCLIPTrainer(DefaultTrainer):
 
     @classmethod
     def test_with_TTA(cls, cfg, model):
-        """Evaluate a semantic segmentor with multi-scale and flip testing (TEST.AUG.*)."""
-        if not isinstance(model, SemanticSegmentor):
+        """Evaluate a semantic segmentor with multi-scale and flip testing (TEST.AUG.*): the test images are
+        loaded once at their own size (INPUT.MIN_SIZE_TEST 0) and resized to each scale by the TTA."""
+        if not task_of(model).semantic_segmentation:
             raise ValueError("TEST.AUG.ENABLED is supported for semantic segmentors only")
         evaluators = [
             cls.build_evaluator(cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA"))
             for name in cfg.DATASETS.TEST
         ]
-        results = cls.test(cfg, SemanticSegmentorWithTTA(cfg, model), evaluators)
+        tta = SemanticSegmentorWithTTA(cfg, model)
+        original_size = cfg.clone()
+        original_size.defrost()
+        original_size.INPUT.MIN_SIZE_TEST = 0
+        results = cls.test(original_size, tta, evaluators)
         return {f"{name}_TTA": value for name, value in results.items()}

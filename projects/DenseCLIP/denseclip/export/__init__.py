@@ -4,7 +4,6 @@ from .exporter import (
     EXPORT_METHODS,
     METADATA_NAME,
     ONNX_OPSET,
-    BakedTextEmbeddings,
     check_exportable,
     export_model,
     max_input_side,

@@ -8,27 +8,26 @@ Graph outputs, by name (listed in the file's metadata): ``boxes`` (N x 4, XYXY o
 (C x H x W logits; semantic segmentors), ``score_maps`` (K x H x W score-map logits, when asked).
 
 The text embeddings depend only on the learned contexts and the names, so they are computed at export
-and stored in the graph (:class:`BakedTextEmbeddings`); the text encoder is not part of it. The
-context decoder attends to the image and stays in the graph.
+and stored in the graph (the score-map module's embeddings, frozen: FrozenTextEmbeddings); the text
+encoder is not part of it. The context decoder attends to the image and stays in the graph.
 """
+import functools
 import json
 import os
-from contextlib import contextmanager
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from detectron2.export import TracingAdapter, dump_torchscript_IR
 
-from ..modeling.meta_arch.denseclip import DenseCLIPDetector, DenseCLIPModel
+from ..modeling import DenseCLIPModel, Vocabulary, task_of
 
 __all__ = [
     "EXPORT_FORMATS",
     "EXPORT_METHODS",
     "METADATA_NAME",
     "ONNX_OPSET",
-    "BakedTextEmbeddings",
     "check_exportable",
     "export_model",
     "max_input_side",
@@ -42,43 +41,6 @@ ONNX_OPSET = 17
 #: The exported file's description (JSON): a TorchScript extra file, an ONNX metadata entry.
 METADATA_NAME = "denseclip_export.json"
 INPUT_NAMES = ("image", "height", "width")
-
-
-class BakedTextEmbeddings(nn.Module):
-    """
-    Stands in for the ContextTextEncoder in an exported graph: the K x D text embeddings of the
-    training classes and of one inference vocabulary, computed once by the encoder and kept as
-    buffers. ``forward(class_names)`` returns the embeddings of those names.
-    """
-
-    def __init__(self, text_encoder: nn.Module, vocabulary: Optional[Sequence[str]] = None):
-        super().__init__()
-        self.class_names = list(text_encoder.class_names)
-        self.vocabulary = list(vocabulary) if vocabulary is not None else None
-        with torch.no_grad():
-            self.register_buffer("class_embeddings", text_encoder(None).detach().clone())
-            if self.vocabulary is not None:
-                self.register_buffer("vocabulary_embeddings", text_encoder(self.vocabulary).detach().clone())
-
-    def forward(self, class_names: Optional[Sequence[str]] = None) -> torch.Tensor:
-        names = self.class_names if class_names is None else list(class_names)
-        if names == self.class_names:
-            return self.class_embeddings
-        if names == self.vocabulary:
-            return self.vocabulary_embeddings
-        raise ValueError(f"No text embeddings were computed for {names}; export with --vocabulary naming them")
-
-
-@contextmanager
-def baked_text_embeddings(model: nn.Module, vocabulary: Optional[Sequence[str]]):
-    """Within the context, ``model``'s text encoder is replaced by its :class:`BakedTextEmbeddings`."""
-    score_map = model.backbone.score_map
-    text_encoder = score_map.text_encoder
-    score_map.text_encoder = BakedTextEmbeddings(text_encoder, vocabulary)
-    try:
-        yield
-    finally:
-        score_map.text_encoder = text_encoder
 
 
 def max_input_side(cfg, model: nn.Module) -> Optional[int]:
@@ -120,7 +82,7 @@ def check_exportable(cfg, model: nn.Module, fmt: str, method: str) -> None:
         )
     if cfg.TEST.AUG.ENABLED:
         raise ValueError("Test-time augmentation (TEST.AUG.ENABLED) is not part of an exported graph; set it False")
-    if getattr(model, "test_mode", "whole") != "whole":
+    if task_of(model).semantic_segmentation and model.test_mode != "whole":
         raise ValueError(
             f"TEST.SEM_SEG.MODE {model.test_mode}: the number of windows depends on the image size, which a "
             f"traced graph fixes at the sample's. Export with TEST.SEM_SEG.MODE whole (the resized image at "
@@ -140,40 +102,32 @@ def check_exportable(cfg, model: nn.Module, fmt: str, method: str) -> None:
             raise ValueError("--format onnx needs the onnx package: pip install .[export] (onnx, onnxruntime)") from e
 
 
-def _flat_outputs(model: nn.Module, image: torch.Tensor, height: torch.Tensor, width: torch.Tensor):
-    """The model's output for one image as {name: tensor} (names of the module docstring)."""
-    (output,) = model([{"image": image, "height": height, "width": width}])
+def _flat_outputs(
+    model: nn.Module, image: torch.Tensor, height: torch.Tensor, width: torch.Tensor, vocabulary: Optional[Vocabulary]
+):
+    """The model's output for one image as {name: tensor} (names of the module docstring); score maps when
+    asked for, as ``vocabulary`` (the classes' own as the classes' vocabulary)."""
+    inputs = {"image": image, "height": height, "width": width}
+    if vocabulary is not None:
+        inputs["vocabulary"] = vocabulary
+    (output,) = model([inputs])
     flat = {}
     if "instances" in output:
         instances = output["instances"]
         flat.update(boxes=instances.pred_boxes.tensor, scores=instances.scores, classes=instances.pred_classes)
         if instances.has("pred_masks"):
             flat["masks"] = instances.pred_masks
-    for name in ("sem_seg", "score_maps"):
-        if name in output:
-            flat[name] = output[name]
+    if "sem_seg" in output:
+        flat["sem_seg"] = output["sem_seg"]
+    if vocabulary is not None:
+        flat["score_maps"] = output["score_maps"]
     return flat
 
 
-@contextmanager
-def _export_mode(model: nn.Module, score_maps: bool, vocabulary: Optional[Sequence[str]]):
-    """Eval mode, score maps of ``vocabulary`` (or of the classes) on or off, text embeddings baked."""
-    saved = model.training, model.return_score_maps, model.vocabulary
-    model.eval()
-    model.return_score_maps = score_maps or vocabulary is not None
-    model.vocabulary = vocabulary
-    try:
-        with baked_text_embeddings(model, model.vocabulary):
-            yield
-    finally:
-        model.train(saved[0])
-        model.return_score_maps, model.vocabulary = saved[1], saved[2]
-
-
-def _metadata(cfg, model: nn.Module, fmt: str, outputs: List[str]) -> Dict:
-    detector = isinstance(model, DenseCLIPDetector)
-    retinanet = cfg.MODEL.META_ARCHITECTURE == "DenseCLIPRetinaNet"
-    score_threshold = cfg.MODEL.RETINANET.SCORE_THRESH_TEST if retinanet else cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
+def _metadata(cfg, model: nn.Module, fmt: str, outputs: List[str], vocabulary: Optional[Vocabulary]) -> Dict:
+    task = task_of(model)
+    detector = task.detection
+    score_threshold = functools.reduce(getattr, task.score_threshold_key.split("."), cfg) if detector else None
     return {
         "format": fmt,
         "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
@@ -183,9 +137,9 @@ def _metadata(cfg, model: nn.Module, fmt: str, outputs: List[str]) -> Dict:
         "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
         "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
         "max_input_side": max_input_side(cfg, model),
-        "class_names": list(model.backbone.class_names),
-        "score_map_names": model.score_map_names if "score_maps" in outputs else [],
-        "score_threshold": score_threshold if detector else None,
+        "class_names": model.class_names,
+        "score_map_names": list(vocabulary.names) if "score_maps" in outputs else [],
+        "score_threshold": score_threshold,
         "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE if detector else None,
         "mask_threshold": 0.5 if "masks" in outputs else None,
         "torch": torch.__version__,
@@ -202,7 +156,7 @@ def export_model(
     fmt: str = "torchscript",
     method: str = "tracing",
     score_maps: bool = False,
-    vocabulary: Optional[Sequence[str]] = None,
+    vocabulary: Union[None, str, Sequence[str]] = None,
 ) -> Tuple[str, Dict]:
     """
     Trace ``model`` on one sample and write ``output_dir``/model.ts (TorchScript, with its code and
@@ -212,28 +166,37 @@ def export_model(
         image: the sample, 3 x h x w float32 resized as the config's test rule resizes.
         original_size: the sample's (height, width) before resizing.
         score_maps: include "score_maps" (always when ``vocabulary`` is given).
-        vocabulary: the names of the score maps (baked in); None for the model's classes.
+        vocabulary: the names of the score maps (a list, or comma-separated; their text embeddings are
+            stored in the graph); None for the model's classes.
     Returns:
         the written file's path and its metadata (also stored in the file, under METADATA_NAME).
     """
     check_exportable(cfg, model, fmt, method)
-    if vocabulary is not None:
-        model.vocabulary = vocabulary  # tokenizes now: a name too long is refused before tracing
-        model.vocabulary = None
+    # Tokenized now: a name that does not fit the prompt is refused before tracing. The classes' own
+    # score maps are those of the classes as a vocabulary.
+    if vocabulary is not None or score_maps:
+        vocabulary = model.score_map.vocabulary(vocabulary)
     sample = (image, torch.tensor(original_size[0]), torch.tensor(original_size[1]))
-    with _export_mode(model, score_maps, vocabulary), torch.no_grad():
-        adapter = TracingAdapter(model, sample, _flat_outputs)
-        if fmt == "torchscript":
-            path = os.path.join(output_dir, "model.ts")
-            traced = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
-            metadata = _metadata(cfg, model, fmt, list(adapter.outputs_schema.keys))  # names sorted by the adapter
-            torch.jit.save(traced, path, _extra_files={METADATA_NAME: json.dumps(metadata)})
-            dump_torchscript_IR(traced, output_dir)
-        else:
-            path = os.path.join(output_dir, "model.onnx")
-            adapter(*adapter.flattened_inputs)  # the output names, before the exporter needs them
-            metadata = _metadata(cfg, model, fmt, list(adapter.outputs_schema.keys))
-            _export_onnx(adapter, path, metadata)
+    training = model.training
+    model.eval()
+    frozen = [vocabulary] if vocabulary is not None else []
+    try:
+        with model.score_map.frozen_text_embeddings(frozen), torch.no_grad():
+            adapter = TracingAdapter(model, sample, functools.partial(_flat_outputs, vocabulary=vocabulary))
+            if fmt == "torchscript":
+                path = os.path.join(output_dir, "model.ts")
+                traced = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
+                outputs = list(adapter.outputs_schema.keys)  # names sorted by the adapter
+                metadata = _metadata(cfg, model, fmt, outputs, vocabulary)
+                torch.jit.save(traced, path, _extra_files={METADATA_NAME: json.dumps(metadata)})
+                dump_torchscript_IR(traced, output_dir)
+            else:
+                path = os.path.join(output_dir, "model.onnx")
+                adapter(*adapter.flattened_inputs)  # the output names, before the exporter needs them
+                metadata = _metadata(cfg, model, fmt, list(adapter.outputs_schema.keys), vocabulary)
+                _export_onnx(adapter, path, metadata)
+    finally:
+        model.train(training)
     return path, metadata
 
 

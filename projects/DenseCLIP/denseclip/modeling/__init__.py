@@ -4,6 +4,7 @@ from .backbone import (
     CLIPVisionTransformer,
     CLIPViTFeaturePyramid,
     LanguageGuidedBackbone,
+    LanguageGuidedFeatures,
     build_clip_fpn_backbone,
     build_clip_vit_sfp_backbone,
     build_retinanet_clip_fpn_backbone,
@@ -18,7 +19,8 @@ from .meta_arch import (
     DenseCLIPSemanticSegmentor,
     SlidingWindowSemanticSegmentor,
 )
-from .score_map import PixelTextScoreMap
+from .score_map import FrozenTextEmbeddings, PixelTextScoreMap
 from .score_map_loss import ScoreMapLoss
 from .sem_seg_head import SemanticFPNHead, label_map_cross_entropy
-from .text_encoder import ContextTextEncoder, tokenize_class_names
+from .task import Task, head_num_classes, task_of
+from .text_encoder import ContextTextEncoder, Vocabulary, parse_vocabulary, tokenize_class_names

@@ -1,11 +1,30 @@
-"""Detector outputs on the original image, in a form that also traces into TorchScript and ONNX."""
+"""Outputs on the original image (detections, score maps), in a form that also traces into TorchScript and
+ONNX."""
+from typing import Sequence
+
 import torch
+import torch.nn.functional as F
 
 from detectron2.layers.mask_ops import _do_paste_mask
-from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_postprocess
 from detectron2.structures import Instances
 
-__all__ = ["paste_masks", "postprocess_instances"]
+__all__ = ["paste_masks", "postprocess_instances", "score_maps_on_image", "upsample_score_maps"]
+
+
+def upsample_score_maps(score_maps: torch.Tensor, input_size: Sequence[int]) -> torch.Tensor:
+    """B x K x h x w score maps (at the stride of the feature they join) resized bilinearly to the
+    network input's (padded) H x W, as the release upsamples them: B x K x H x W."""
+    return F.interpolate(score_maps, size=tuple(input_size), mode="bilinear", align_corners=False)
+
+
+def score_maps_on_image(
+    score_map: torch.Tensor, input_size: Sequence[int], image_size: Sequence[int], height, width
+) -> torch.Tensor:
+    """One image's K x h x w score map on its original image: upsampled to the network input
+    (:func:`upsample_score_maps`), cropped to the image's part of it (``image_size``, without padding)
+    and resized to ``height`` x ``width`` as Detectron2 resizes semantic outputs: K x height x width."""
+    return sem_seg_postprocess(upsample_score_maps(score_map[None], input_size)[0], image_size, height, width)
 
 
 @torch.jit.script_if_tracing

@@ -1,5 +1,5 @@
 """DenseCLIP's auxiliary loss: the pixel-text score map against class maps drawn from the ground truth."""
-from typing import List, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -8,6 +8,9 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.structures import BitMasks, Instances, PolygonMasks
 from detectron2.utils import comm
+
+from .sem_seg_head import LOSS_NORMALIZATIONS, label_map_cross_entropy
+from .task import Task
 
 __all__ = ["ScoreMapLoss", "score_map_targets"]
 
@@ -47,7 +50,9 @@ def _mask_cells(masks, image_size: Tuple[int, int], height: int, width: int, str
     return F.max_pool2d(bitmaps[:, None], kernel_size=stride)[:, 0] > 0
 
 
-TARGETS = ("box", "box_overlap", "mask")
+#: MODEL.DENSECLIP.SCORE_MAP_LOSS.TARGET of detectors (instances) and of semantic segmentors (label maps).
+INSTANCE_TARGETS = ("box", "box_overlap", "mask")
+LABEL_MAP_TARGETS = ("label_map",)
 
 
 def score_map_targets(
@@ -81,35 +86,78 @@ def score_map_targets(
 
 class ScoreMapLoss(nn.Module):
     """
-    Binary cross-entropy between sigmoid(score map upsampled to stride ``stride``) and the class maps of
-    the ground truth, counted over all K channels of the cells some object covers, averaged over
-    those (cell, class) entries of the whole (distributed) batch. No objects anywhere gives 0.
+    The auxiliary loss of all three tasks, by its ``target`` rule:
+
+    - detectors ("box", "box_overlap", "mask": :func:`score_map_targets`): binary cross-entropy between
+      sigmoid(score map upsampled to stride ``stride``) and the class maps of the ground truth, counted
+      over all K channels of the cells some object covers, averaged over those (cell, class) entries of
+      the whole (distributed) batch. No objects anywhere gives 0.
+    - semantic segmentors ("label_map"): cross-entropy of the score map resized bilinearly to the label
+      map, ``ignore_value`` pixels left out, averaged by ``normalization`` (:func:`label_map_cross_entropy`).
+
+    The result is multiplied by ``weight``.
     """
 
     @configurable
-    def __init__(self, *, weight: float, stride: int, target: str):
+    def __init__(
+        self, *, weight: float, target: str, stride: int = 4, ignore_value: int = 255, normalization: str = "valid"
+    ):
         super().__init__()
-        if target not in TARGETS:
-            raise ValueError(f"MODEL.DENSECLIP.SCORE_MAP_LOSS.TARGET must be one of {TARGETS}, got {target!r}")
+        if target not in INSTANCE_TARGETS + LABEL_MAP_TARGETS:
+            raise ValueError(
+                f"MODEL.DENSECLIP.SCORE_MAP_LOSS.TARGET must be one of {INSTANCE_TARGETS + LABEL_MAP_TARGETS} "
+                f"(or empty for the task's own), got {target!r}"
+            )
+        if normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.LOSS_NORMALIZATION must be one of {LOSS_NORMALIZATIONS}, got {normalization!r}"
+            )
         self.weight = weight
-        self.stride = stride
         self.target = target
+        self.stride = stride
+        self.ignore_value = ignore_value
+        self.normalization = normalization
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, task: Task):
+        """The loss of ``task``'s meta-architecture: its own target rule unless the config names one it takes."""
         loss = cfg.MODEL.DENSECLIP.SCORE_MAP_LOSS
-        return {"weight": loss.WEIGHT, "stride": loss.STRIDE, "target": loss.TARGET}
+        allowed = LABEL_MAP_TARGETS if task.semantic_segmentation else INSTANCE_TARGETS
+        target = loss.TARGET or allowed[0]
+        if target not in allowed:
+            raise ValueError(
+                f"MODEL.DENSECLIP.SCORE_MAP_LOSS.TARGET {target!r} does not fit MODEL.META_ARCHITECTURE "
+                f"{cfg.MODEL.META_ARCHITECTURE} ({task.name.replace('_', ' ')}): use one of {allowed}, or leave it empty"
+            )
+        return {
+            "weight": loss.WEIGHT,
+            "target": target,
+            "stride": loss.STRIDE,
+            "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            "normalization": cfg.MODEL.SEM_SEG_HEAD.LOSS_NORMALIZATION,
+        }
 
-    def forward(self, score_map: torch.Tensor, instances: List[Instances], image_size: Tuple[int, int]):
+    def forward(
+        self,
+        score_map: torch.Tensor,
+        targets: Union[List[Instances], torch.Tensor],
+        image_size: Optional[Tuple[int, int]] = None,
+    ) -> torch.Tensor:
         """
         Args:
-            score_map: B x K x h x w logits (stride 32 of the padded batch).
-            instances: per image, gt_boxes and gt_classes (and gt_masks for target "mask"), in the
-                coordinates of the padded batch.
-            image_size: (H, W) of the padded batch.
+            score_map: B x K x h x w logits (cosine / tau) of the padded batch.
+            targets: per image, Instances with gt_boxes and gt_classes (and gt_masks for "mask") in the
+                coordinates of the padded batch; or, for "label_map", the B x H x W label maps.
+            image_size: (H, W) of the padded batch (instance targets).
         Returns:
-            scalar loss, already multiplied by the loss weight.
+            the scalar loss, already multiplied by the weight.
         """
+        if self.target in LABEL_MAP_TARGETS:
+            logits = F.interpolate(score_map.float(), size=targets.shape[-2:], mode="bilinear", align_corners=False)
+            return self.weight * label_map_cross_entropy(logits, targets, self.ignore_value, self.normalization)
+        return self._instance_loss(score_map, targets, image_size)
+
+    def _instance_loss(self, score_map: torch.Tensor, instances: List[Instances], image_size: Tuple[int, int]):
         height, width = -(-image_size[0] // self.stride), -(-image_size[1] // self.stride)
         logits = F.interpolate(score_map.float(), size=(height, width), mode="bilinear", align_corners=False)
         targets, covered = score_map_targets(

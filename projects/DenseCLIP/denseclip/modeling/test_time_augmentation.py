@@ -5,7 +5,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from detectron2.data import detection_utils
 from detectron2.data.transforms import ResizeShortestEdge, ResizeTransform
 
 __all__ = ["SemanticSegmentorWithTTA", "tta_sizes"]
@@ -29,8 +28,8 @@ class SemanticSegmentorWithTTA(nn.Module):
     horizontal flip with TEST.AUG.FLIP; each run's K x H x W logits on the original image go through
     softmax (flipped back if needed) and the probabilities are averaged.
 
-    Input: the test loader's dicts; the original image is read again from "file_name" (INPUT.FORMAT)
-    when there is one, else "image" is taken as it is. Output per image: {"sem_seg": K x H x W
+    Input: the test loader's dicts with the original image, as loaded without resizing (INPUT.MIN_SIZE_TEST
+    0: :meth:`DenseCLIPTrainer.test_with_TTA` loads them so). Output per image: {"sem_seg": K x H x W
     averaged probabilities}.
     """
 
@@ -39,17 +38,11 @@ class SemanticSegmentorWithTTA(nn.Module):
         self.model = model
         self.sizes = list(sizes if sizes is not None else tta_sizes(cfg))
         self.flip = cfg.TEST.AUG.FLIP if flip is None else flip
-        self.input_format = cfg.INPUT.FORMAT
         if not self.sizes:
             raise ValueError("Multi-scale testing needs TEST.AUG.SCALE_RATIOS or TEST.AUG.MIN_SIZES")
 
-    def _original_image(self, inputs: dict) -> np.ndarray:
-        if "file_name" in inputs:
-            return detection_utils.read_image(inputs["file_name"], format=self.input_format)
-        return inputs["image"].permute(1, 2, 0).cpu().numpy()
-
     def _one(self, inputs: dict) -> dict:
-        image = self._original_image(inputs)
+        image = inputs["image"].permute(1, 2, 0).cpu().numpy()
         height, width = inputs.get("height", image.shape[0]), inputs.get("width", image.shape[1])
         total, runs = None, 0
         for short, longest in self.sizes:

@@ -1,6 +1,9 @@
-"""CLIP's text encoder with learnable context tokens, one prompt per class name."""
+"""CLIP's text encoder with learnable context tokens, one prompt per class name, and the vocabularies
+(any names, tokenized once) it encodes."""
+import threading
 from collections import OrderedDict
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from open_clip.tokenizer import SimpleTokenizer
@@ -9,9 +12,7 @@ from torch import nn
 
 from detectron2.config import configurable
 
-from ..data.class_names import resolve_class_names
-
-__all__ = ["ContextTextEncoder", "tokenize_class_names", "ACTIVATIONS"]
+__all__ = ["ACTIVATIONS", "ContextTextEncoder", "Vocabulary", "parse_vocabulary", "tokenize_class_names"]
 
 # MODEL.CLIP.ACTIVATION: every OpenAI CLIP model uses QuickGELU (x * sigmoid(1.702 x)); open_clip
 # models trained from scratch without the "-quickgelu" suffix use GELU.
@@ -28,6 +29,32 @@ def _tokenizer() -> SimpleTokenizer:
     if _TOKENIZER is None:
         _TOKENIZER = SimpleTokenizer()
     return _TOKENIZER
+
+
+def parse_vocabulary(names: Union[str, Sequence[str]]) -> List[str]:
+    """
+    The names of a vocabulary (names to compute score maps of), given as a list of names or as one
+    string of comma-separated names (demo.py's --vocabulary), each stripped of surrounding spaces.
+
+    Raises:
+        ValueError for an empty vocabulary or an empty name; TypeError for a name that is not a string.
+    """
+    if isinstance(names, str):
+        names = names.split(",")
+    names = list(names)
+    not_strings = [name for name in names if not isinstance(name, str)]
+    if not_strings:
+        raise TypeError(f"Vocabulary names must be strings, got {not_strings!r}")
+    stripped = [name.strip() for name in names]
+    if not stripped:
+        raise ValueError("The vocabulary is empty: give at least one name (or none at all for the model's classes)")
+    empty = [str(position) for position, name in enumerate(stripped, 1) if not name]
+    if empty:
+        raise ValueError(
+            f"The vocabulary {names!r} has an empty name (position {', '.join(empty)}): give each name "
+            f"between commas, or drop the empty ones"
+        )
+    return stripped
 
 
 def tokenize_class_names(class_names: Sequence[str], prompt_length: int) -> torch.Tensor:
@@ -67,6 +94,18 @@ def tokenize_class_names(class_names: Sequence[str], prompt_length: int) -> torc
     return tokens
 
 
+@dataclass(frozen=True, eq=False)
+class Vocabulary:
+    """K names to score and their prompts' token ids (K x prompt_length, :func:`tokenize_class_names`).
+    Made by :meth:`ContextTextEncoder.vocabulary`, which checks that each name fits the prompt."""
+
+    names: Tuple[str, ...]
+    token_ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 class ContextTextEncoder(TextTransformer):
     """
     CLIP's text transformer (open_clip's module, frozen) encoding, for each class k,
@@ -77,12 +116,14 @@ class ContextTextEncoder(TextTransformer):
     ``positional_embedding``, ``ln_final.*``, ``text_projection``); ``contexts`` is DenseCLIP's own.
     Only the first ``prompt_length + num_context`` positional embeddings are kept.
 
-    It encodes the training classes, or any other names (a vocabulary) with the same learned
-    contexts. In eval mode each class set's K x D output is computed once and reused until any of
-    the module's tensors change (an optimizer step, loading weights, moving devices).
+    It encodes the training classes, or any other names (a :class:`Vocabulary`, made once by
+    :meth:`vocabulary`) with the same learned contexts. In eval mode each vocabulary's K x D output is
+    computed once and reused until any of the module's tensors change (an optimizer step, loading
+    weights, moving devices); requests from several threads share the cache.
     """
 
     _CACHED_VOCABULARIES = 8
+    _LOCK = threading.Lock()  # one cache update at a time (a class attribute: modules stay copyable)
 
     @configurable
     def __init__(
@@ -124,13 +165,19 @@ class ContextTextEncoder(TextTransformer):
         else:
             self.contexts = None
         self.cache_in_eval = cache_in_eval
-        self._cache: "OrderedDict[Tuple[str, ...], Tuple[tuple, torch.Tensor]]" = OrderedDict()
+        self._embeddings: "OrderedDict[Tuple[str, ...], Tuple[tuple, torch.Tensor]]" = OrderedDict()
+        self._vocabularies: "OrderedDict[Tuple[str, ...], Vocabulary]" = OrderedDict()
 
     @classmethod
     def from_config(cls, cfg):
         text = cfg.MODEL.CLIP.TEXT
+        if not cfg.MODEL.DENSECLIP.CLASS_NAMES:
+            raise ValueError(
+                "DenseCLIP's text encoder needs the class names of its prompts: MODEL.DENSECLIP.CLASS_NAMES "
+                "(a DenseCLIP meta-architecture takes them from the metadata of DATASETS.TRAIN[0])"
+            )
         return {
-            "class_names": resolve_class_names(cfg),
+            "class_names": list(cfg.MODEL.DENSECLIP.CLASS_NAMES),
             "embed_dim": cfg.MODEL.CLIP.EMBED_DIM,
             "width": text.WIDTH,
             "heads": text.HEADS,
@@ -178,39 +225,67 @@ class ContextTextEncoder(TextTransformer):
             x = x[torch.arange(num_classes, device=x.device), end]
             return x @ self.text_projection
 
+    @property
+    def classes(self) -> Vocabulary:
+        """The training classes as a vocabulary."""
+        return Vocabulary(tuple(self.class_names), self.token_ids)
+
+    def vocabulary(self, names: Union[None, str, Sequence[str], Vocabulary] = None) -> Vocabulary:
+        """
+        ``names`` (a list, or one string of comma-separated names: :func:`parse_vocabulary`) parsed and
+        tokenized into a :class:`Vocabulary`, once per name list; None gives the training classes.
+
+        Raises:
+            ValueError naming the names that do not fit the prompt (:func:`tokenize_class_names`).
+        """
+        if isinstance(names, Vocabulary):
+            return names
+        if names is None:
+            return self.classes
+        key = tuple(parse_vocabulary(names))
+        if key == tuple(self.class_names):
+            return self.classes
+        with self._LOCK:
+            vocabulary = self._vocabularies.get(key)
+        if vocabulary is None:
+            vocabulary = Vocabulary(key, tokenize_class_names(key, self.prompt_length))
+            with self._LOCK:
+                self._vocabularies[key] = vocabulary
+                while len(self._vocabularies) > self._CACHED_VOCABULARIES:
+                    self._vocabularies.popitem(last=False)
+        return vocabulary
+
     def _tensors_version(self):
         return tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
 
-    def forward(self, class_names: Optional[Sequence[str]] = None) -> torch.Tensor:
+    def forward(self, vocabulary: Union[None, str, Sequence[str], Vocabulary] = None) -> torch.Tensor:
         """
         Args:
-            class_names: names to encode; None encodes the training classes.
+            vocabulary: what to encode (:meth:`vocabulary`): None encodes the training classes.
         Returns:
             K x D text embeddings, cached in eval mode.
         """
-        names = self.class_names if class_names is None else list(class_names)
+        vocabulary = self.vocabulary(vocabulary)
+        token_ids = vocabulary.token_ids.to(self.token_ids.device)
         if self.training or not self.cache_in_eval:
-            self._cache.clear()
-            return self.encode(self._token_ids(names))
-        key, version = tuple(names), self._tensors_version()
-        cached = self._cache.get(key)
+            self._embeddings.clear()
+            return self.encode(token_ids)
+        key, version = vocabulary.names, self._tensors_version()
+        with self._LOCK:
+            cached = self._embeddings.get(key)
         if cached is None or cached[0] != version:
             with torch.no_grad():
-                cached = (version, self.encode(self._token_ids(names)))
-            self._cache[key] = cached
-            while len(self._cache) > self._CACHED_VOCABULARIES:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(key)
+                cached = (version, self.encode(token_ids))
+        with self._LOCK:
+            self._embeddings[key] = cached
+            self._embeddings.move_to_end(key)
+            while len(self._embeddings) > self._CACHED_VOCABULARIES:
+                self._embeddings.popitem(last=False)
         return cached[1]
-
-    def _token_ids(self, names: List[str]) -> torch.Tensor:
-        if names == self.class_names:
-            return self.token_ids
-        return tokenize_class_names(names, self.prompt_length).to(self.token_ids.device)
 
     def train(self, mode: bool = True):
         if mode:
-            self._cache.clear()  # training recomputes every time; free the memory
+            self._embeddings.clear()  # training recomputes every time; free the memory
         return super().train(mode)
 
     def extra_repr(self) -> str:

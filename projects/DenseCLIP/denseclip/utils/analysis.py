@@ -15,6 +15,7 @@ Detectors: ``EXTRA_HANDLES`` count the ops fvcore has no handle for; ``IGNORED_O
 on purpose (on top of fvcore's and Detectron2's own lists). Any other op is reported as unsupported.
 """
 from collections import Counter
+from contextlib import nullcontext
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -26,7 +27,7 @@ from detectron2.modeling import GeneralizedRCNN
 from detectron2.structures import Boxes, ImageList
 from detectron2.utils.analysis import FlopCountAnalysis as DetectorFlopCountAnalysis
 
-from ..modeling.text_encoder import ContextTextEncoder
+from ..modeling import ContextTextEncoder, DenseCLIPModel, task_of
 
 __all__ = [
     "FlopReport",
@@ -177,7 +178,8 @@ class FlopReport:
 
 
 def text_encoders(model: nn.Module) -> List[ContextTextEncoder]:
-    return [m for m in model.modules() if isinstance(m, ContextTextEncoder)]
+    """The text encoder of a DenseCLIP model (none for a CLIP baseline)."""
+    return [model.score_map.text_encoder] if isinstance(model, DenseCLIPModel) else []
 
 
 class _Encode(nn.Module):
@@ -251,11 +253,8 @@ class _WholeImage(nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.predict(ImageList(images, [tuple(images.shape[-2:])] * len(images)))["sem_seg"]
-
-
-def is_semantic_segmentor(model: nn.Module) -> bool:
-    return hasattr(model, "sem_seg_head")
+        batch = ImageList(images, [tuple(images.shape[-2:])] * len(images))
+        return self.model.predict(batch, [{} for _ in range(len(images))])["sem_seg"]
 
 
 def _semantic_flops(model: nn.Module, batched_inputs: List[dict]) -> FlopReport:
@@ -270,27 +269,25 @@ def count_flops(
     """
     (inference, text encoder) flops of an eval-mode model on one input (a list of one Detectron2
     input dict), in the paper's convention (for semantic segmentors the segmentation release's:
-    :data:`SEGMENTATION_RULES`). The text embeddings are cached first, so the text encoder stays out
-    of the inference trace; its own count is one run on its training classes.
+    :data:`SEGMENTATION_RULES`). The inference runs with the text embeddings frozen (computed once, as
+    an exported graph holds them), so the text encoder stays out of its trace; its own count is one run
+    on its training classes.
     """
     if model.training:
         raise ValueError("Count flops of a model in eval mode")
-    text, encoders = FlopReport(), text_encoders(model)
-    handles = SEGMENTATION_HANDLES if is_semantic_segmentor(model) else None
-    saved = [encoder.cache_in_eval for encoder in encoders]
+    task, text = task_of(model), FlopReport()
+    handles = SEGMENTATION_HANDLES if task.semantic_segmentation else None
     with torch.no_grad():
-        for encoder in encoders:
-            encoder.cache_in_eval = True
-            encoder()  # fills the cache
+        for encoder in text_encoders(model):
             text.add(FlopCountAnalysis(_Encode(encoder), (encoder.token_ids,)), handles=handles)
-        if is_semantic_segmentor(model):
-            inference = _semantic_flops(model, batched_inputs)
-        elif isinstance(model, GeneralizedRCNN):
-            inference = _rcnn_flops(model, batched_inputs, num_boxes, num_masks)
-        else:
-            inference = FlopReport().add(DetectorFlopCountAnalysis(model, batched_inputs), strip="model.")
-    for encoder, cache in zip(encoders, saved):
-        encoder.cache_in_eval = cache
+        guided = isinstance(model, DenseCLIPModel)
+        with model.score_map.frozen_text_embeddings() if guided else nullcontext():
+            if task.semantic_segmentation:
+                inference = _semantic_flops(model, batched_inputs)
+            elif isinstance(model, GeneralizedRCNN):
+                inference = _rcnn_flops(model, batched_inputs, num_boxes, num_masks)
+            else:
+                inference = FlopReport().add(DetectorFlopCountAnalysis(model, batched_inputs), strip="model.")
     return inference, text
 
 

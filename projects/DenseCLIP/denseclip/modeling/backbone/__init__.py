@@ -14,4 +14,4 @@ from .fpn import (
     build_semantic_attention_pool_fpn_backbone,
     build_semantic_clip_fpn_backbone,
 )
-from .language_guided import LanguageGuidedBackbone, is_language_guided
+from .language_guided import LanguageGuidedBackbone, LanguageGuidedFeatures

@@ -100,8 +100,6 @@ class CLIPResNet(ModifiedResNet, Backbone):
 
     @classmethod
     def from_config(cls, cfg, input_shape: Optional[ShapeSpec] = None):
-        from .language_guided import is_language_guided
-
         if input_shape is not None and input_shape.channels != 3:
             raise ValueError(f"CLIP's image encoder takes 3 input channels, got {input_shape.channels}")
         clip = cfg.MODEL.CLIP
@@ -110,7 +108,7 @@ class CLIPResNet(ModifiedResNet, Backbone):
             "width": clip.WIDTH,
             "embed_dim": clip.EMBED_DIM,
             "input_resolution": clip.INPUT_RESOLUTION,
-            "with_attention_pool": is_language_guided(cfg),
+            "with_attention_pool": cfg.MODEL.DENSECLIP.LANGUAGE_GUIDED,
             "attention_pool_grid": clip.ATTENTION_POOL_GRID,
             "norm": clip_norm(cfg),
             "freeze_at": clip.FREEZE_AT,
@@ -189,6 +187,6 @@ def clip_norm(cfg) -> str:
 
 @BACKBONE_REGISTRY.register()
 def build_clip_resnet_backbone(cfg, input_shape: ShapeSpec):
-    """CLIP's image encoder alone (no FPN), from MODEL.CLIP; with its attention pool when the
-    meta-architecture is a DenseCLIP one."""
+    """CLIP's image encoder alone (no FPN), from MODEL.CLIP; with its attention pool when
+    MODEL.DENSECLIP.LANGUAGE_GUIDED."""
     return CLIPResNet(cfg, input_shape)

@@ -97,8 +97,6 @@ class CLIPVisionTransformer(VisionTransformer, Backbone):
 
     @classmethod
     def from_config(cls, cfg, input_shape: Optional[ShapeSpec] = None):
-        from .language_guided import is_language_guided
-
         if input_shape is not None and input_shape.channels != 3:
             raise ValueError(f"CLIP's image encoder takes 3 input channels, got {input_shape.channels}")
         vit = cfg.MODEL.CLIP.VIT
@@ -111,7 +109,7 @@ class CLIPVisionTransformer(VisionTransformer, Backbone):
             "input_resolution": cfg.MODEL.CLIP.INPUT_RESOLUTION,
             "activation": cfg.MODEL.CLIP.ACTIVATION,
             "drop_path_rate": vit.DROP_PATH_RATE,
-            "with_embeddings": is_language_guided(cfg),
+            "with_embeddings": cfg.MODEL.DENSECLIP.LANGUAGE_GUIDED,
             "class_embedding_in_position": vit.CLASS_EMBEDDING_IN_POSITION,
         }
 

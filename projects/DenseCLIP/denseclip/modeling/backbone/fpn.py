@@ -9,7 +9,7 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
 from .attention_pool import AttentionPooledBackbone
 from .clip_resnet import CLIPResNet
-from .language_guided import is_language_guided, with_language_guidance
+from .language_guided import with_language_guidance
 
 __all__ = [
     "LastLevelP6P7",
@@ -119,7 +119,7 @@ def attention_pooled_bottom_up(cfg, input_shape: ShapeSpec) -> Backbone:
     """MODEL.DENSECLIP.BOTTOM_UP from the registry; for DenseCLIP detectors with a new attention pool on
     its top feature, giving embeddings of the text encoder's width (MODEL.CLIP.EMBED_DIM)."""
     bottom_up = BACKBONE_REGISTRY.get(cfg.MODEL.DENSECLIP.BOTTOM_UP)(cfg, input_shape)
-    if not is_language_guided(cfg):
+    if not cfg.MODEL.DENSECLIP.LANGUAGE_GUIDED:
         return bottom_up
     shapes = bottom_up.output_shape()
     top = max(shapes, key=lambda name: shapes[name].stride)

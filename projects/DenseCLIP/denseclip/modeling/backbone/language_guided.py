@@ -5,27 +5,29 @@ DenseCLIP's language-guided backbone, built from parts:
           -> score maps concatenated to one bottom-up feature (the top one by default) -> neck (FPN,
           SimpleFeaturePyramid)
 
-The meta-architecture decides whether a model is language-guided (a DenseCLIP detector or semantic
-segmentor): the backbone builders of this package ask :func:`is_language_guided` and build the plain
-bottom-up + neck (the "CLIP" baselines) otherwise.
+The backbone builders of this package build it when MODEL.DENSECLIP.LANGUAGE_GUIDED is set (the DenseCLIP
+meta-architectures set it when they build their backbone), and the plain bottom-up + neck (the "CLIP"
+baselines) otherwise.
 """
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, NamedTuple, Tuple
 
 import torch
 
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import META_ARCH_REGISTRY, Backbone
+from detectron2.modeling import Backbone
 
 from ..score_map import PixelTextScoreMap
 
-__all__ = ["FeatureInput", "LanguageGuidedBackbone", "is_language_guided", "with_language_guidance"]
+__all__ = ["FeatureInput", "LanguageGuidedBackbone", "LanguageGuidedFeatures", "with_language_guidance"]
 
 
-def is_language_guided(cfg) -> bool:
-    """True when MODEL.META_ARCHITECTURE is a DenseCLIP model (which reads score maps)."""
-    from ..meta_arch.denseclip import DenseCLIPModel
+class LanguageGuidedFeatures(NamedTuple):
+    """What a :class:`LanguageGuidedBackbone` gives its meta-architecture."""
 
-    return issubclass(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), DenseCLIPModel)
+    features: Dict[str, torch.Tensor]  # the neck's outputs
+    score_map: torch.Tensor  # B x K x h x w, the training classes' (cosine / tau, float32)
+    global_embedding: torch.Tensor  # B x D, for the score maps of other vocabularies
+    dense_embedding: torch.Tensor  # B x D x h x w
 
 
 class FeatureInput(Backbone):
@@ -73,17 +75,13 @@ class LanguageGuidedBackbone(Backbone):
     def class_names(self):
         return self.score_map.class_names
 
-    def forward_with_score_map(
-        self, images: torch.Tensor, vocabulary: Optional[Sequence[str]] = None
-    ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    def forward_with_score_map(self, images: torch.Tensor) -> LanguageGuidedFeatures:
         """
         Args:
             images: B x 3 x H x W, normalised.
-            vocabulary: names whose score map to return; None returns the training classes'. The
-                features always carry the training classes' score map.
         Returns:
-            the neck's features, and the B x K x h x w score map (cosine / tau, float32) at the
-            stride of ``in_feature``.
+            the neck's features (which read the training classes' score map), that score map at the
+            stride of ``in_feature``, and the image embeddings it was computed from.
         """
         features, global_embedding, dense_embedding = self.bottom_up.forward_with_embeddings(images)
         cosine = self.score_map.cosine(global_embedding, dense_embedding)
@@ -91,12 +89,10 @@ class LanguageGuidedBackbone(Backbone):
         top = features[self.in_feature]
         concat = score_map if self.concat_with_tau else cosine
         features[self.in_feature] = torch.cat([top, concat.to(top.dtype)], dim=1)
-        if vocabulary is not None:
-            score_map = self.score_map(global_embedding, dense_embedding, vocabulary)
-        return self.neck(features), score_map
+        return LanguageGuidedFeatures(self.neck(features), score_map, global_embedding, dense_embedding)
 
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return self.forward_with_score_map(images)[0]
+        return self.forward_with_score_map(images).features
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return self.neck.output_shape()
@@ -112,11 +108,11 @@ class LanguageGuidedBackbone(Backbone):
 
 def with_language_guidance(cfg, bottom_up: Backbone, build_neck: Callable[[Backbone], Backbone]) -> Backbone:
     """
-    ``build_neck(bottom_up)`` for the CLIP baselines; for DenseCLIP meta-architectures, the
+    ``build_neck(bottom_up)`` for the CLIP baselines; with MODEL.DENSECLIP.LANGUAGE_GUIDED, the
     LanguageGuidedBackbone whose neck is ``build_neck`` on the bottom-up's features, the score map
     concatenated to MODEL.DENSECLIP.SCORE_CONCAT_FEATURE (by default the one of the largest stride).
     """
-    if not is_language_guided(cfg):
+    if not cfg.MODEL.DENSECLIP.LANGUAGE_GUIDED:
         return build_neck(bottom_up)
     score_map = PixelTextScoreMap(cfg)
     shapes = bottom_up.output_shape()

@@ -1,39 +1,49 @@
 """What DenseCLIP adds to a Detectron2 meta-architecture: shared by its detectors and its semantic segmentor."""
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from detectron2.config import configurable
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList, Instances
 
-from ...data.class_names import parse_vocabulary
-from ..backbone.language_guided import LanguageGuidedBackbone
-from ..postprocessing import postprocess_instances
+from ...data.class_names import resolve_class_names
+from ..backbone.language_guided import LanguageGuidedBackbone, LanguageGuidedFeatures
+from ..postprocessing import postprocess_instances, score_maps_on_image
+from ..score_map import PixelTextScoreMap
 from ..score_map_loss import ScoreMapLoss
-from ..text_encoder import tokenize_class_names
+from ..task import head_num_classes, task_of
 
-__all__ = ["DenseCLIPDetector", "DenseCLIPModel"]
+__all__ = ["DenseCLIPDetector", "DenseCLIPModel", "language_guided_cfg"]
+
+
+def language_guided_cfg(cfg, metadata_classes: str):
+    """``cfg`` as a DenseCLIP meta-architecture builds its backbone with: MODEL.DENSECLIP.LANGUAGE_GUIDED
+    set, and MODEL.DENSECLIP.CLASS_NAMES filled from the dataset metadata field ``metadata_classes``
+    when empty (:func:`resolve_class_names`)."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DENSECLIP.LANGUAGE_GUIDED = True
+    cfg.MODEL.DENSECLIP.CLASS_NAMES = resolve_class_names(cfg, metadata_classes)
+    cfg.freeze()
+    return cfg
 
 
 class DenseCLIPModel:
     """
-    Mixed in before a Detectron2 meta-architecture whose backbone is a :class:`LanguageGuidedBackbone`.
-    Provides :meth:`extract_features` (features and score map), the inference vocabulary, and
-    :meth:`score_maps_on_image`.
+    Mixed in before a Detectron2 meta-architecture (RetinaNet, GeneralizedRCNN, SemanticSegmentor); makes
+    its backbone a :class:`LanguageGuidedBackbone` and adds the auxiliary score-map loss
+    (:class:`ScoreMapLoss`, with the task's target rule) and the score maps inference returns.
 
-    With ``return_score_maps`` (MODEL.DENSECLIP.RETURN_SCORE_MAPS) inference also returns, per image,
-    ``"score_maps"``: K x H x W score-map logits (cosine / tau) on the original image. Their K names
-    are ``score_map_names``: the model's classes, or the ``vocabulary`` set for inference (any names;
-    the head keeps its own classes).
+    Score maps in inference, per input dict: with a ``"vocabulary"`` entry (names, one string of
+    comma-separated names, or a :class:`Vocabulary` from ``model.score_map.vocabulary(names)``) the
+    output's ``"score_maps"`` are that vocabulary's (any names: the learned contexts and the context
+    decoder score them; the head keeps its own classes); without one, the classes' when
+    ``return_score_maps`` (MODEL.DENSECLIP.RETURN_SCORE_MAPS). They are K x H x W score-map logits
+    (cosine / tau) on the original image.
     """
 
-    #: The config key of the head's class count, for error messages.
-    num_classes_key: str = ""
-
     @configurable
-    def __init__(self, *, return_score_maps: bool, **kwargs):
+    def __init__(self, *, score_map_loss: ScoreMapLoss, return_score_maps: bool, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(self.backbone, LanguageGuidedBackbone):
             raise ValueError(
@@ -43,94 +53,80 @@ class DenseCLIPModel:
                 f"a stock meta-architecture (GeneralizedRCNN, RetinaNet, SlidingWindowSemanticSegmentor) "
                 f"for a model without language guidance."
             )
-        class_names = self.backbone.class_names
-        if len(class_names) != self.num_classes:
+        class_names, num_classes, key = self.class_names, head_num_classes(self), task_of(self).num_classes_key
+        if len(class_names) != num_classes:
             raise ValueError(
                 f"The text prompts have {len(class_names)} classes ({', '.join(class_names[:5])}"
-                f"{', ...' if len(class_names) > 5 else ''}) but the head has {self.num_classes} "
-                f"({self.num_classes_key}). Set {self.num_classes_key} {len(class_names)} to match the "
-                f"dataset, or fix MODEL.DENSECLIP.CLASS_NAMES."
+                f"{', ...' if len(class_names) > 5 else ''}) but the head has {num_classes} ({key}). "
+                f"Set {key} {len(class_names)} to match the dataset, or fix MODEL.DENSECLIP.CLASS_NAMES."
             )
+        self.score_map_loss = score_map_loss
         self.return_score_maps = return_score_maps
-        self._vocabulary: Optional[List[str]] = None
 
     @classmethod
     def from_config(cls, cfg):
-        ret = super().from_config(cfg)
+        task = task_of(cls)
+        ret = super().from_config(language_guided_cfg(cfg, task.metadata_classes))
+        ret["score_map_loss"] = ScoreMapLoss(cfg, task)
         ret["return_score_maps"] = cfg.MODEL.DENSECLIP.RETURN_SCORE_MAPS
         return ret
 
     @property
-    def vocabulary(self) -> Optional[List[str]]:
-        """Names whose score maps inference returns; None for the model's own classes."""
-        return self._vocabulary
-
-    @vocabulary.setter
-    def vocabulary(self, names: Optional[Union[str, Sequence[str]]]):
-        """A list of names, or one string of comma-separated names (see :func:`parse_vocabulary`)."""
-        if names is not None:
-            names = parse_vocabulary(names)
-            text_encoder = self.backbone.score_map.text_encoder
-            tokenize_class_names(names, text_encoder.prompt_length)  # a clear error now, not at inference
-        self._vocabulary = names
+    def score_map(self) -> PixelTextScoreMap:
+        """The score-map module: text encoder, context decoder, vocabularies (``.vocabulary(names)``)."""
+        return self.backbone.score_map
 
     @property
-    def score_map_names(self) -> List[str]:
-        return list(self._vocabulary or self.backbone.class_names)
+    def class_names(self) -> List[str]:
+        return list(self.score_map.class_names)
 
-    def extract_features(self, images: ImageList) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
-        """The backbone's features and its B x K x h x w score map (the vocabulary's, in inference)."""
-        vocabulary = None if self.training else self._vocabulary
-        return self.backbone.forward_with_score_map(images.tensor, vocabulary)
+    def extract_features(self, images: ImageList) -> LanguageGuidedFeatures:
+        """The backbone's features, the classes' B x K x h x w score map and the image embeddings."""
+        return self.backbone.forward_with_score_map(images.tensor)
 
-    @staticmethod
-    def score_maps_on_image(
-        score_map: torch.Tensor, padded_size: Tuple[int, int], image_size: Tuple[int, int], height: int, width: int
-    ) -> torch.Tensor:
-        """One image's K x h x w score map upsampled to the padded input, then cropped to ``image_size``
-        and resized to ``height`` x ``width`` like semantic outputs: K x height x width."""
-        logits = F.interpolate(score_map[None], size=padded_size, mode="bilinear", align_corners=False)[0]
-        return sem_seg_postprocess(logits, image_size, height, width)
+    def requested_score_maps(
+        self, batched_inputs: List[dict], guided: LanguageGuidedFeatures
+    ) -> List[Optional[torch.Tensor]]:
+        """Per input, the K x h x w score map inference returns (see the class docstring), or None."""
+        maps: List[Optional[torch.Tensor]] = [
+            guided.score_map[i] if self.return_score_maps else None for i in range(len(batched_inputs))
+        ]
+        groups: Dict[Tuple[str, ...], list] = {}
+        for index, inputs in enumerate(batched_inputs):
+            if inputs.get("vocabulary") is not None:
+                vocabulary = self.score_map.vocabulary(inputs["vocabulary"])
+                groups.setdefault(vocabulary.names, [vocabulary, []])[1].append(index)
+        for names, (vocabulary, indices) in groups.items():
+            if list(names) == self.class_names:
+                scores = guided.score_map[indices]
+            elif len(indices) == len(batched_inputs):  # one vocabulary for the batch (e.g. a predictor's)
+                scores = self.score_map(guided.global_embedding, guided.dense_embedding, vocabulary)
+            else:
+                scores = self.score_map(guided.global_embedding[indices], guided.dense_embedding[indices], vocabulary)
+            for score_map, index in zip(scores, indices):
+                maps[index] = score_map
+        return maps
 
 
 class DenseCLIPDetector(DenseCLIPModel):
     """
-    Mixed in before a Detectron2 detector (RetinaNet, GeneralizedRCNN) whose backbone is a
-    :class:`LanguageGuidedBackbone`. Adds :meth:`score_map_losses` (the box-target auxiliary loss) and
-    :meth:`postprocess` (instances, and score maps on the image when asked).
-
-    Inference returns, per image, ``{"instances": Instances}``, plus ``"score_maps"`` when
-    ``return_score_maps`` is set (see :class:`DenseCLIPModel`).
+    Mixed in before a Detectron2 detector (RetinaNet, GeneralizedRCNN). Inference returns, per image,
+    ``{"instances": Instances}`` on the original image, plus ``"score_maps"`` (see :class:`DenseCLIPModel`).
     """
 
-    @configurable
-    def __init__(self, *, score_map_loss: ScoreMapLoss, **kwargs):
-        super().__init__(**kwargs)
-        self.score_map_loss = score_map_loss
-
-    @classmethod
-    def from_config(cls, cfg):
-        ret = super().from_config(cfg)
-        ret["score_map_loss"] = ScoreMapLoss(cfg)
-        return ret
-
-    def score_map_losses(
-        self, score_map: torch.Tensor, gt_instances: List[Instances], images: ImageList
-    ) -> Dict[str, torch.Tensor]:
-        return {"loss_score_map": self.score_map_loss(score_map, gt_instances, images.tensor.shape[-2:])}
-
     def postprocess(
-        self, instances: List[Instances], batched_inputs: List[dict], images: ImageList, score_map: torch.Tensor
+        self, instances: List[Instances], batched_inputs: List[dict], images: ImageList, guided: LanguageGuidedFeatures
     ) -> List[dict]:
-        """Per image: instances rescaled to the input's height and width, and the score maps there too
-        when ``return_score_maps`` (upsampled to the padded input, then resized like semantic outputs)."""
+        """Per image: instances rescaled to the input's height and width, and the requested score maps
+        there too (:func:`score_maps_on_image`)."""
         results = []
-        for index, (inst, inputs, image_size) in enumerate(zip(instances, batched_inputs, images.image_sizes)):
+        score_maps = self.requested_score_maps(batched_inputs, guided)
+        for inst, inputs, image_size, score_map in zip(instances, batched_inputs, images.image_sizes, score_maps):
             height, width = inputs.get("height", image_size[0]), inputs.get("width", image_size[1])
             result = {"instances": postprocess_instances(inst, height, width)}
-            if self.return_score_maps:
-                result["score_maps"] = self.score_maps_on_image(
-                    score_map[index], images.tensor.shape[-2:], image_size, height, width
+            if score_map is not None:
+                result["score_maps"] = score_maps_on_image(
+                    score_map, images.tensor.shape[-2:], image_size, height, width
                 )
             results.append(result)
         return results

@@ -10,22 +10,18 @@ __all__ = ["DenseCLIPRCNN"]
 class DenseCLIPRCNN(DenseCLIPDetector, GeneralizedRCNN):
     """Detectron2's (Mask) R-CNN on a language-guided backbone, plus the auxiliary score-map loss."""
 
-    num_classes_key = "MODEL.ROI_HEADS.NUM_CLASSES"
-
-    @property
-    def num_classes(self) -> int:
-        return self.roi_heads.num_classes
-
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
-        features, score_map = self.extract_features(images)
+        guided = self.extract_features(images)
+        features = guided.features
         if not self.training:
             proposals, _ = self.proposal_generator(images, features, None)
             results, _ = self.roi_heads(images, features, proposals, None)
-            return self.postprocess(results, batched_inputs, images, score_map)
+            return self.postprocess(results, batched_inputs, images, guided)
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
         _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
         if self.vis_period > 0 and get_event_storage().iter % self.vis_period == 0:
             self.visualize_training(batched_inputs, proposals)
-        return {**detector_losses, **proposal_losses, **self.score_map_losses(score_map, gt_instances, images)}
+        loss_score_map = self.score_map_loss(guided.score_map, gt_instances, images.tensor.shape[-2:])
+        return {**detector_losses, **proposal_losses, "loss_score_map": loss_score_map}

@@ -10,8 +10,6 @@ __all__ = ["DenseCLIPRetinaNet"]
 class DenseCLIPRetinaNet(DenseCLIPDetector, RetinaNet):
     """Detectron2's RetinaNet on a language-guided backbone, plus the auxiliary score-map loss."""
 
-    num_classes_key = "MODEL.RETINANET.NUM_CLASSES"
-
     @configurable
     def __init__(self, *, clip_boxes_before_nms: bool, **kwargs):
         super().__init__(**kwargs)
@@ -23,15 +21,15 @@ class DenseCLIPRetinaNet(DenseCLIPDetector, RetinaNet):
 
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
-        features, score_map = self.extract_features(images)
-        features = [features[f] for f in self.head_in_features]
+        guided = self.extract_features(images)
+        features = [guided.features[f] for f in self.head_in_features]
         predictions = self.head(features)
         if not self.training:
             results = self.forward_inference(images, features, predictions)
-            return self.postprocess(results, batched_inputs, images, score_map)
+            return self.postprocess(results, batched_inputs, images, guided)
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         losses = self.forward_training(images, features, predictions, gt_instances)
-        losses.update(self.score_map_losses(score_map, gt_instances, images))
+        losses["loss_score_map"] = self.score_map_loss(guided.score_map, gt_instances, images.tensor.shape[-2:])
         return losses
 
     def _decode_per_level_predictions(self, anchors, pred_scores, pred_deltas, score_thresh, topk_candidates, image_size):

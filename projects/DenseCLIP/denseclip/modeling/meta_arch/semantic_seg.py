@@ -9,12 +9,14 @@ Interface:
   MODEL.SEM_SEG_HEAD.NAME "SemanticFPNHead" (or any Detectron2 sem-seg head).
 - Training input: Detectron2's dicts with "image" (3 x H x W) and "sem_seg" (H x W int64 label map,
   MODEL.SEM_SEG_HEAD.IGNORE_VALUE where unlabelled). Losses: "loss_sem_seg", and for DenseCLIP
-  "loss_score_map" (cross-entropy of the score map cosine / tau resized bilinearly to the label map,
-  x MODEL.DENSECLIP.SCORE_MAP_LOSS.WEIGHT), both averaged by MODEL.SEM_SEG_HEAD.LOSS_NORMALIZATION.
+  "loss_score_map" (ScoreMapLoss with its "label_map" rule: cross-entropy of the score map cosine / tau
+  resized bilinearly to the label map, x MODEL.DENSECLIP.SCORE_MAP_LOSS.WEIGHT), both averaged by
+  MODEL.SEM_SEG_HEAD.LOSS_NORMALIZATION.
 - Inference output per image: {"sem_seg": K x H x W logits on the original image ("height", "width")},
-  plus "score_maps" (K x H x W score-map logits there) for DenseCLIP with
-  MODEL.DENSECLIP.RETURN_SCORE_MAPS. TEST.SEM_SEG.MODE "whole" runs the image at once, "slide" runs
-  TEST.SEM_SEG.CROP_SIZE windows every TEST.SEM_SEG.STRIDE pixels and averages their logits.
+  plus "score_maps" (K x H x W score-map logits there) for DenseCLIP when asked (an input's
+  "vocabulary", or MODEL.DENSECLIP.RETURN_SCORE_MAPS: see DenseCLIPModel). TEST.SEM_SEG.MODE "whole"
+  runs the image at once, "slide" runs TEST.SEM_SEG.CROP_SIZE windows every TEST.SEM_SEG.STRIDE pixels
+  and averages their logits.
   Each image (or window) is run on its own at its own size, as the release runs it: not padded to the
   backbone's size divisibility, so the FPN and head resize between levels (SizeMatchingFPN,
   SemanticFPNHead). Training batches are padded, as in Detectron2.
@@ -29,7 +31,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, SemanticSegmentor
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
-from ..sem_seg_head import label_map_cross_entropy
+from ..postprocessing import upsample_score_maps
 from .denseclip import DenseCLIPModel
 
 __all__ = ["DenseCLIPSemanticSegmentor", "SlidingWindowSemanticSegmentor", "sliding_windows"]
@@ -90,11 +92,6 @@ class SlidingWindowSemanticSegmentor(SemanticSegmentor):
         ret["stride"] = tuple(cfg.TEST.SEM_SEG.STRIDE)
         return ret
 
-    @property
-    def num_classes(self) -> int:
-        head = self.sem_seg_head
-        return head.num_classes if hasattr(head, "num_classes") else head.predictor.out_channels
-
     def forward(self, batched_inputs: List[dict]):
         if not self.training:
             return [self.inference_one(inputs) for inputs in batched_inputs]
@@ -130,25 +127,28 @@ class SlidingWindowSemanticSegmentor(SemanticSegmentor):
         logits = self.sem_seg_head.layers(features)
         return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
-    def predict(self, images: ImageList) -> Dict[str, torch.Tensor]:
-        """Eval-mode outputs of a batch, each B x K x H x W at the input's size: {"sem_seg": logits}."""
+    def predict(self, images: ImageList, batched_inputs: List[dict]) -> Dict[str, torch.Tensor]:
+        """Eval-mode outputs of a batch (``batched_inputs``: its input dicts), each B x K x H x W at the
+        input's size: {"sem_seg": logits}."""
         features = self.backbone(images.tensor)
         return {"sem_seg": self.head_logits(features, images.tensor.shape[-2:])}
 
-    def predict_window(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """:meth:`predict` on one normalised 3 x h x w image, run at its own size as the release runs
-        it (not padded to the size divisibility: the FPN and head resize between levels): {name: K x h x w}."""
-        return {name: out[0] for name, out in self.predict(ImageList(image[None], [tuple(image.shape[-2:])])).items()}
+    def predict_window(self, image: torch.Tensor, inputs: dict) -> Dict[str, torch.Tensor]:
+        """:meth:`predict` on one normalised 3 x h x w image (or window of it; ``inputs`` is the image's
+        input dict), run at its own size as the release runs it (not padded to the size divisibility: the
+        FPN and head resize between levels): {name: K x h x w}."""
+        images = ImageList(image[None], [tuple(image.shape[-2:])])
+        return {name: out[0] for name, out in self.predict(images, [inputs]).items()}
 
-    def segment(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def segment(self, image: torch.Tensor, inputs: dict) -> Dict[str, torch.Tensor]:
         """Whole-image or sliding-window outputs of one normalised 3 x H x W image: {name: K x H x W}."""
         if self.test_mode == "whole":
-            return self.predict_window(image)
+            return self.predict_window(image, inputs)
         height, width = image.shape[-2:]
         sums: Dict[str, torch.Tensor] = {}
         count = image.new_zeros(height, width)
         for y1, y2, x1, x2 in sliding_windows(height, width, self.crop_size, self.stride):
-            for name, out in self.predict_window(image[:, y1:y2, x1:x2]).items():
+            for name, out in self.predict_window(image[:, y1:y2, x1:x2], inputs).items():
                 if name not in sums:
                     sums[name] = out.new_zeros(out.shape[0], height, width)
                 sums[name][:, y1:y2, x1:x2] += out
@@ -160,7 +160,7 @@ class SlidingWindowSemanticSegmentor(SemanticSegmentor):
         image = self._normalize(inputs["image"])
         size = tuple(image.shape[-2:])
         height, width = inputs.get("height", size[0]), inputs.get("width", size[1])
-        return {name: sem_seg_postprocess(out, size, height, width) for name, out in self.segment(image).items()}
+        return {name: sem_seg_postprocess(out, size, height, width) for name, out in self.segment(image, inputs).items()}
 
 
 @META_ARCH_REGISTRY.register()
@@ -171,38 +171,17 @@ class DenseCLIPSemanticSegmentor(DenseCLIPModel, SlidingWindowSemanticSegmentor)
     against the label map. See the module docstring for inputs, losses and outputs.
     """
 
-    num_classes_key = "MODEL.SEM_SEG_HEAD.NUM_CLASSES"
-
-    @configurable
-    def __init__(self, *, score_map_loss_weight: float, loss_normalization: str, **kwargs):
-        super().__init__(**kwargs)
-        self.score_map_loss_weight = score_map_loss_weight
-        self.loss_normalization = loss_normalization
-
-    @classmethod
-    def from_config(cls, cfg):
-        ret = super().from_config(cfg)
-        ret["score_map_loss_weight"] = cfg.MODEL.DENSECLIP.SCORE_MAP_LOSS.WEIGHT
-        ret["loss_normalization"] = cfg.MODEL.SEM_SEG_HEAD.LOSS_NORMALIZATION
-        return ret
-
-    def score_map_loss(self, score_map: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the B x K x h x w score map (cosine / tau), resized bilinearly to the
-        B x H x W label map, ignored pixels left out, averaged by MODEL.SEM_SEG_HEAD.LOSS_NORMALIZATION."""
-        logits = F.interpolate(score_map.float(), size=targets.shape[-2:], mode="bilinear", align_corners=False)
-        return label_map_cross_entropy(logits, targets, self.sem_seg_head.ignore_value, self.loss_normalization)
-
     def training_losses(self, images: ImageList, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
-        features, score_map = self.extract_features(images)
-        _, losses = self.sem_seg_head(features, targets)
-        losses["loss_score_map"] = self.score_map_loss(score_map, targets) * self.score_map_loss_weight
+        guided = self.extract_features(images)
+        _, losses = self.sem_seg_head(guided.features, targets)
+        losses["loss_score_map"] = self.score_map_loss(guided.score_map, targets)
         return losses
 
-    def predict(self, images: ImageList) -> Dict[str, torch.Tensor]:
-        features, score_map = self.extract_features(images)
-        outputs = {"sem_seg": self.head_logits(features, images.tensor.shape[-2:])}
-        if self.return_score_maps:
-            outputs["score_maps"] = F.interpolate(
-                score_map, size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
-            )
+    def predict(self, images: ImageList, batched_inputs: List[dict]) -> Dict[str, torch.Tensor]:
+        guided = self.extract_features(images)
+        size = images.tensor.shape[-2:]
+        outputs = {"sem_seg": self.head_logits(guided.features, size)}
+        score_maps = self.requested_score_maps(batched_inputs, guided)
+        if all(score_map is not None for score_map in score_maps):
+            outputs["score_maps"] = upsample_score_maps(torch.stack(score_maps), size)
         return outputs
