@@ -221,11 +221,11 @@ class ContextTextEncoder(TextTransformer):
         if self._length_group_cache is None:
             self._length_group_cache = OrderedDict()
         cache = self._length_group_cache
-        rows = token_ids.tolist()
-        key = (str(token_ids.device), tuple(map(tuple, rows)))
+        ids = token_ids.detach().cpu().numpy()  # unlike tolist(), leaves no op in a traced graph
+        key = (str(token_ids.device), ids.shape, ids.tobytes())
         groups = cache.get(key)
         if groups is None:
-            groups = cache[key] = _length_groups(rows, token_ids.device)
+            groups = cache[key] = _length_groups(ids.tolist(), token_ids.device)
             while len(cache) > self._LENGTH_GROUP_SETS:
                 cache.popitem(last=False)
         cache.move_to_end(key)
