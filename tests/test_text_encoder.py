@@ -217,8 +217,8 @@ def test_length_groups_computed_once_per_class_set(monkeypatch):
     from denseclip.modeling import text_encoder as module
 
     computed = []
-    group = module._length_groups
-    monkeypatch.setattr(module, "_length_groups", lambda *args: computed.append(1) or group(*args))
+    group = module._group_by_length
+    monkeypatch.setattr(module, "_group_by_length", lambda *args: computed.append(1) or group(*args))
     encoder = randomized_encoder().train()
     for _ in range(3):
         encoder()
