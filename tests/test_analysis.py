@@ -89,6 +89,28 @@ def test_text_encoder_is_exactly_the_difference(kind, request):
     assert uncached.by_module[TEXT_ENCODER] == pytest.approx(text.total, rel=1e-12)
 
 
+
+def test_text_encoder_flops_in_closed_form(retinanet):
+    """The text encoder runs the S = 1 + M shared rows (start token, contexts) once and each class's
+    name positions 1 .. e_k (its end token) only: T = sum e_k rows. Per layer, on the S + T rows:
+    q, k, v, output and MLP projections (12 W^2 each), two layer norms (5 flops per element), and
+    attention products over each row's keys, the rectangle of fvcore's sdpa count (2 W per pair):
+    the prefix S x S, class k e_k x (S + e_k). Then ln_final and the projection on the K end rows."""
+    _, text = count_flops(retinanet, image())
+    encoder = retinanet.backbone.score_map.text_encoder
+    width, layers, dim = encoder.width, len(encoder.transformer.resblocks), encoder.text_projection.shape[1]
+    shared, ends = 1 + encoder.num_context, encoder.token_ids.argmax(-1).tolist()
+    assert sorted(set(ends)) == [2, 3]  # "cat", "dog": 1 name token; "traffic light": 2
+    rows = shared + sum(ends)
+    pairs = shared * shared + sum(end * (shared + end) for end in ends)
+    layer = 12 * width * width * rows + 2 * width * pairs + 2 * 5 * width * rows
+    expected = layers * layer + 5 * len(ends) * width + len(ends) * width * dim
+    assert text.total == expected
+    assert dict(text.by_operator) == {
+        "linear": layers * 12 * width * width * rows, "scaled_dot_product_attention": layers * 2 * width * pairs,
+        "layer_norm": 5 * width * (2 * layers * rows + len(ends)), "matmul": len(ends) * width * dim,
+    }
+
 class _Attention(nn.Module):
     def __init__(self, dim, heads, batch_first):
         super().__init__()

@@ -149,3 +149,146 @@ def test_cache_can_be_disabled():
     encoder.token_embedding.register_forward_hook(lambda *args: runs.append(1))  # once per encode
     torch.testing.assert_close(encoder(), encoder())
     assert len(runs) == 2
+
+
+# Names of 1, 2 and 3 BPE tokens: three prompt lengths, so three groups in encode().
+LENGTHS_NAMES = ["dog", "traffic light", "fire hydrant", "person", "chest of drawers", "hair drier", "sky"]
+
+
+def randomized_encoder(names=LENGTHS_NAMES, dtype=torch.float64, **overrides):
+    """A two-layer tiny encoder whose every frozen tensor is random (open_clip starts attention and
+    projection biases at 0 and LayerNorms at 1: a misplaced bias or norm would not show)."""
+    torch.manual_seed(0)
+    encoder = text_encoder(names, layers=2, **overrides).to(dtype)
+    with torch.no_grad():
+        for name, parameter in encoder.named_parameters():
+            if name.endswith("bias") or ".ln_" in name or name.startswith("ln_final"):
+                parameter.copy_(torch.randn_like(parameter) * 0.2 + (name.endswith("weight")))
+    return encoder
+
+
+def full_prompts(encoder, token_ids):
+    """The K full prompts [start, contexts, name, end, pad] through open_clip's TextTransformer parts:
+    K x D embeddings read at the end token."""
+    x = encoder.token_embedding(token_ids)
+    count, contexts = len(token_ids), encoder.contexts if encoder.contexts is not None else x.new_zeros(0, x.shape[-1])
+    x = torch.cat([x[:, :1], contexts.expand(count, -1, -1), x[:, 1:]], dim=1) + encoder.positional_embedding
+    x = encoder.ln_final(encoder.transformer(x, attn_mask=encoder.attn_mask.to(x.dtype)))
+    end = token_ids.argmax(-1) + len(contexts)
+    return x[torch.arange(count), end] @ encoder.text_projection
+
+
+def embeddings_and_context_gradients(encode, encoder, token_ids):
+    out = encode(token_ids)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    (gradient,) = torch.autograd.grad((out * weights).sum(), encoder.contexts)
+    return out.detach(), gradient
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_encode_equals_full_prompts_with_context_gradients(dtype, tolerance):
+    """Shared prefix keys and values, each class run up to its end token, grouped by length: the same
+    embeddings and context gradients as the full causal forward of every prompt."""
+    encoder = randomized_encoder(dtype=dtype).train()
+    ids = encoder.token_ids
+    assert sorted(set(ids.argmax(-1).tolist())) == [2, 3, 4]  # three lengths
+    out, gradient = embeddings_and_context_gradients(encoder.encode, encoder, ids)
+    expected, expected_gradient = embeddings_and_context_gradients(lambda t: full_prompts(encoder, t), encoder, ids)
+    assert out.shape == (len(LENGTHS_NAMES), 32) and out.dtype == dtype
+    assert relative_error(out, expected) <= tolerance
+    assert relative_error(gradient, expected_gradient) <= tolerance
+
+
+def test_vocabulary_through_forward_equals_full_prompts():
+    encoder = randomized_encoder().train()
+    vocabulary = ["conveyer belt", "cat", "wine glass", "skyscraper", "potted plant", "sofa"]
+    expected = full_prompts(encoder, tokenize_class_names(vocabulary, 5))
+    assert relative_error(encoder(vocabulary), expected) <= 1e-12
+    assert relative_error(encoder(), full_prompts(encoder, encoder.token_ids)) <= 1e-12
+
+
+def test_without_contexts_equals_full_prompts():
+    encoder = randomized_encoder(num_context=0, prompt_length=7).eval()
+    with torch.no_grad():
+        assert relative_error(encoder(), full_prompts(encoder, encoder.token_ids)) <= 1e-12
+
+
+def test_length_groups_computed_once_per_class_set(monkeypatch):
+    from denseclip.modeling import text_encoder as module
+
+    computed = []
+    group = module._group_by_length
+    monkeypatch.setattr(module, "_group_by_length", lambda *args: computed.append(1) or group(*args))
+    encoder = randomized_encoder().train()
+    for _ in range(3):
+        encoder()
+    assert len(computed) == 1
+    vocabulary = ["cat", "conveyer belt"]
+    for _ in range(3):
+        encoder(vocabulary)  # tokenized anew each time: recognized by its token ids
+    assert len(computed) == 2
+    encoder()
+    assert len(computed) == 2
+    groups = encoder._length_groups(tokenize_class_names(vocabulary, 5))
+    assert groups.sizes == ((1, 2), (1, 4)) and groups.end_rows.tolist() == [1, 5]
+
+
+def _spy_on_fallback(encoder, monkeypatch):
+    """Calls of encoder._encode_shared_prefix, recorded in the returned list."""
+    calls, shared_prefix = [], encoder._encode_shared_prefix
+    monkeypatch.setattr(encoder, "_encode_shared_prefix", lambda ids: calls.append(1) or shared_prefix(ids))
+    return calls
+
+
+def test_shared_prefix_fallback_gives_the_same_embeddings(monkeypatch):
+    encoder = randomized_encoder().train()
+    shared_prefix = encoder._encode_shared_prefix
+    fallback = _spy_on_fallback(encoder, monkeypatch)
+    out = encoder.encode(encoder.token_ids)
+    assert fallback == []  # open_clip's plain blocks take the grouped path
+    assert relative_error(shared_prefix(encoder.token_ids), out) <= 1e-12
+
+
+def _layer_scale(block):
+    block.ls_1 = open_clip.transformer.LayerScale(block.ln_1.normalized_shape[0], 0.5).double()
+
+
+def _attention_with(**options):
+    def change(block):
+        old = block.attn
+        block.attn = torch.nn.MultiheadAttention(old.embed_dim, old.num_heads, batch_first=True, **options).double()
+        block.attn.load_state_dict(old.state_dict(), strict=False)
+    return change
+
+
+class _SubclassedBlock(open_clip.transformer.ResidualAttentionBlock):
+    pass
+
+
+def _subclass(block):
+    block.__class__ = _SubclassedBlock
+
+
+@pytest.mark.parametrize("change", [_layer_scale, _attention_with(add_bias_kv=True), _attention_with(add_zero_attn=True),
+                                    _subclass], ids=["layer_scale", "bias_kv", "zero_attn", "subclass"])
+def test_non_standard_block_takes_the_shared_prefix_fallback(change, monkeypatch):
+    """A block the grouped path cannot reproduce from in_proj / out_proj alone (the second of two
+    here) runs the shared-prefix path, which still gives the full prompts' embeddings."""
+    encoder = randomized_encoder().train()
+    change(encoder.transformer.resblocks[1])
+    fallback = _spy_on_fallback(encoder, monkeypatch)
+    out = encoder.encode(encoder.token_ids)
+    assert fallback == [1]
+    assert relative_error(out, full_prompts(encoder, encoder.token_ids)) <= 1e-12
+
+
+def test_attention_dropout_takes_the_fallback_only_in_training(monkeypatch):
+    encoder = randomized_encoder()
+    _attention_with(dropout=0.5)(encoder.transformer.resblocks[0])
+    fallback = _spy_on_fallback(encoder, monkeypatch)
+    encoder.train().encode(encoder.token_ids)
+    assert fallback == [1]
+    with torch.no_grad():
+        out = encoder.eval().encode(encoder.token_ids)
+        assert fallback == [1]
+        assert relative_error(out, full_prompts(encoder, encoder.token_ids)) <= 1e-12

@@ -3,11 +3,12 @@
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transformer import QuickGELU, TextTransformer
+from open_clip.transformer import QuickGELU, ResidualAttentionBlock, TextTransformer
 from torch import nn
 
 from detectron2.config import configurable
@@ -198,9 +199,38 @@ class ContextTextEncoder(TextTransformer):
         Run the transformer on K tokenized names: K x D class embeddings (float32, autocast off).
 
         The first 1 + M positions (start token and contexts) are the same for every class, and the
-        causal mask keeps them from seeing the class tokens; so they are computed once, and only
-        the class positions run per class, attending to the shared prefix. Same result as running
-        the K full sequences, with about 1 / 3 of the work for COCO's prompts.
+        causal mask keeps them from seeing the class tokens; so they run once, their keys and values
+        are projected once per layer, and each class runs only its name positions up to its end
+        token (the later ones cannot reach it), classes of one length together. Same result as
+        running the K full sequences, with 1 / 5.6 of their work for COCO's prompts.
+        """
+        if not all(_is_packed_attention_block(block) for block in self.transformer.resblocks):
+            return self._encode_shared_prefix(token_ids)
+        with torch.autocast(token_ids.device.type, enabled=False):
+            groups = self._length_groups(token_ids)
+            embeddings = self.token_embedding(token_ids)  # K x P x W
+            shared = 1 + self.num_context
+            prefix = embeddings[0, :1]
+            if self.contexts is not None:
+                prefix = torch.cat([prefix, self.contexts.to(prefix.dtype)])
+            prefix = prefix + self.positional_embedding[:shared]  # (1 + M) x W
+            # Token position p of a name sits at position M + p of its prompt.
+            names = embeddings[groups.row_classes, groups.row_positions]
+            names = names + self.positional_embedding[groups.row_positions + shared - 1]  # T x W
+            x = torch.cat([prefix, names])  # the prefix's rows, then the names' rows group by group
+            mask = self.attn_mask.to(x.dtype)
+            for block in self.transformer.resblocks:
+                attn = block.attn
+                qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+                x = x + attn.out_proj(_grouped_attention(qkv, shared, groups.sizes, attn.num_heads, mask))
+                x = x + block.mlp(block.ln_2(x))
+            x = self.ln_final(x[shared + groups.end_rows])
+            return x @ self.text_projection
+
+    def _encode_shared_prefix(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """
+        :meth:`encode` for any open_clip block with an ``attention(q_x, k_x, v_x)`` method: the
+        prefix runs once, every class runs all P - 1 name positions attending to it (K x D).
         """
         with torch.autocast(token_ids.device.type, enabled=False):
             embeddings = self.token_embedding(token_ids)  # K x P x W
@@ -224,6 +254,31 @@ class ContextTextEncoder(TextTransformer):
             end = token_ids.argmax(dim=-1) - 1
             x = x[torch.arange(num_classes, device=x.device), end]
             return x @ self.text_projection
+
+    _LENGTH_GROUP_SETS = 8
+    _last_length_groups = None  # (token-id tensor, its version, its groups) of the last call
+    _length_group_cache = None  # token-id content -> groups, most recent last
+
+    def _length_groups(self, token_ids: torch.Tensor) -> "_LengthGroups":
+        """:func:`_group_by_length` of K x P token ids, computed once per class set: the same tensor
+        (the training classes' buffer) is recognized without reading it back from its device."""
+        last = self._last_length_groups
+        if last is not None and last[0] is token_ids and last[1] == token_ids._version:
+            return last[2]
+        ids = token_ids.detach().cpu().numpy()  # unlike tolist(), leaves no op in a traced graph
+        key = (str(token_ids.device), ids.shape, ids.tobytes())
+        with self._LOCK:
+            if self._length_group_cache is None:
+                self._length_group_cache = OrderedDict()
+            cache = self._length_group_cache
+            groups = cache.get(key)
+            if groups is None:
+                groups = cache[key] = _group_by_length(ids.tolist(), token_ids.device)
+                while len(cache) > self._LENGTH_GROUP_SETS:
+                    cache.popitem(last=False)
+            cache.move_to_end(key)
+        self._last_length_groups = (token_ids, token_ids._version, groups)
+        return groups
 
     @property
     def classes(self) -> Vocabulary:
@@ -290,3 +345,87 @@ class ContextTextEncoder(TextTransformer):
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, num_context={self.num_context}, activation={self.activation}"
+
+
+def _is_packed_attention_block(block: nn.Module) -> bool:
+    """
+    Whether a block is open_clip's plain ResidualAttentionBlock, ``x + attn(ln_1(x))`` then
+    ``x + mlp(ln_2(x))``, with nn.MultiheadAttention's packed q/k/v projection and nothing else:
+    no layer scales, no extra key/value biases or zero attention, no active dropout. Only these
+    blocks can be run by :func:`_grouped_attention` from ``in_proj_weight`` and ``out_proj``.
+    """
+    if type(block) is not ResidualAttentionBlock:
+        return False
+    if type(block.ls_1) is not nn.Identity or type(block.ls_2) is not nn.Identity:
+        return False
+    attn = block.attn
+    return (
+        type(attn) is nn.MultiheadAttention
+        and attn._qkv_same_embed_dim
+        and attn.bias_k is None
+        and attn.bias_v is None
+        and not attn.add_zero_attn
+        and (attn.dropout == 0 or not attn.training)
+    )
+
+
+class _LengthGroups(NamedTuple):
+    """The name positions that matter, grouped by prompt length (see :func:`_group_by_length`)."""
+
+    sizes: Tuple[Tuple[int, int], ...]  # (classes, positions) of each group, shortest first
+    row_classes: torch.Tensor  # T: the class of each name row
+    row_positions: torch.Tensor  # T: its token position, 1 .. the class's end token
+    end_rows: torch.Tensor  # K: the row of each class's end token
+
+
+def _group_by_length(token_ids: List[List[int]], device: torch.device) -> _LengthGroups:
+    """
+    Rows for the positions 1 .. end of each class's K x P token ids (the end token has the
+    largest id), classes of the same end position in one group, in class order within a group.
+    """
+    ends = [max(range(len(ids)), key=ids.__getitem__) for ids in token_ids]
+    sizes, row_classes, row_positions, end_rows = [], [], [], [0] * len(ends)
+    for length in sorted(set(ends)):
+        classes = [k for k, end in enumerate(ends) if end == length]
+        sizes.append((len(classes), length))
+        for k in classes:
+            row_classes += [k] * length
+            row_positions += range(1, length + 1)
+            end_rows[k] = len(row_classes) - 1
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    return _LengthGroups(tuple(sizes), as_tensor(row_classes), as_tensor(row_positions), as_tensor(end_rows))
+
+
+def _grouped_attention(
+    qkv: torch.Tensor, shared: int, sizes: Sequence[Tuple[int, int]], heads: int, mask: torch.Tensor
+) -> torch.Tensor:
+    """
+    Multi-head attention of :meth:`ContextTextEncoder.encode`'s rows, before the output projection.
+
+    Args:
+        qkv: (S + T) x 3W packed queries, keys and values: the S shared prefix rows, then each
+            group's classes x positions rows.
+        sizes: (classes, positions) of each group.
+        mask: the causal mask (additive).
+    Returns:
+        (S + T) x W: the prefix attends to itself, each name position to the whole prefix (its
+        keys and values shared by all classes) and to its class's positions up to its own.
+    """
+    width = qkv.shape[-1] // 3
+
+    def split(rows, classes, positions):  # 3 tensors, classes x heads x positions x W / heads
+        return rows.view(classes, positions, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+
+    prefix_q, prefix_k, prefix_v = split(qkv[:shared], 1, shared)
+    outputs = [F.scaled_dot_product_attention(prefix_q, prefix_k, prefix_v, attn_mask=mask[:shared, :shared])]
+    start = shared
+    for classes, positions in sizes:
+        q, k, v = split(qkv[start : start + classes * positions], classes, positions)
+        k = torch.cat([prefix_k.expand(classes, -1, -1, -1), k], dim=2)
+        v = torch.cat([prefix_v.expand(classes, -1, -1, -1), v], dim=2)
+        # The causal mask's rows for these positions: aligned bottom-right, as the queries are the
+        # keys' last positions.
+        name_mask = mask[shared : shared + positions, : shared + positions]
+        outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=name_mask))
+        start += classes * positions
+    return torch.cat([out.transpose(1, 2).reshape(-1, width) for out in outputs])
