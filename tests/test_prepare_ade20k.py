@@ -17,6 +17,7 @@ from helpers import REPO, load_script, run_script
 # Raw ADE20K values (0 = other, k = class k - 1) and what Detectron2's ade20k_sem_seg_* must read.
 RAW = np.array([[0, 1, 150, 37], [2, 0, 149, 1], [150, 150, 0, 3]], np.uint8)
 CONVERTED = np.array([[255, 0, 149, 36], [1, 255, 148, 0], [149, 149, 255, 2]], np.uint8)
+ADE20K_CONFIG = "configs/ADE20K-SemanticSegmentation/semantic_fpn_clip_R_50_512x512_80k.yaml"
 NAMES = {"training": ["ADE_train_00000001", "ADE_train_00000002"], "validation": ["ADE_val_00000001"]}
 
 
@@ -74,7 +75,8 @@ def test_another_destination_links_the_images(tmp_path):
     dst = tmp_path / "datasets" / "ADEChallengeData2016"
     prepare_ade20k(str(src), str(dst), progress=False)
     assert os.path.islink(dst / "images") and os.path.samefile(dst / "images", src / "images")
-    assert np.array_equal(read(dst / "annotations_detectron2" / "validation" / f"{NAMES['validation'][0]}.png")[1], CONVERTED)
+    converted = dst / "annotations_detectron2" / "validation" / f"{NAMES['validation'][0]}.png"
+    assert np.array_equal(read(converted)[1], CONVERTED)
     assert not (src / "annotations_detectron2").exists()
 
 
@@ -131,7 +133,7 @@ def ade20k_like():
 def test_unconverted_download_stops_with_the_command(tmp_path, ade20k_like):
     src = write_raw(tmp_path)
     name = ade20k_like(src)
-    cfg = get_denseclip_cfg(os.path.join(REPO, "configs/ADE20K-SemanticSegmentation/semantic_fpn_clip_R_50_512x512_80k.yaml"))
+    cfg = get_denseclip_cfg(os.path.join(REPO, ADE20K_CONFIG))
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (), (name,)
     with pytest.raises(FileNotFoundError, match=rf"annotations_detectron2/validation, which does not exist.*raw "
                                                 rf"annotations.*\n  python tools/prepare_ade20k.py {src}$"):
@@ -139,7 +141,7 @@ def test_unconverted_download_stops_with_the_command(tmp_path, ade20k_like):
     prepare_ade20k(str(src), progress=False)
     register_datasets_from_config(cfg)  # converted: no complaint
     (src / "annotations_detectron2" / "validation" / f"{NAMES['validation'][0]}.png").unlink()
-    with pytest.raises(FileNotFoundError, match=r"(?s)1 of the raw annotations .* interrupted conversion.*prepare_ade20k.py"):
+    with pytest.raises(FileNotFoundError, match=r"(?s)1 of the raw annotations .* interrupted conversion.*prepare"):
         check_ade20k_prepared([name])
     check_ade20k_prepared(["coco_2017_val", "shapes_sem_seg_val"])  # not ADE20K: not looked at
     check_ade20k_prepared([ade20k_like(tmp_path / "nothing_here")])  # nothing at all: left to the loader
@@ -149,8 +151,7 @@ def test_unconverted_download_stops_with_the_command(tmp_path, ade20k_like):
 def test_train_net_names_the_tool(tmp_path):
     """$DETECTRON2_DATASETS holding the raw download: train_net.py --eval-only stops before building anything."""
     write_raw(tmp_path)
-    config = "configs/ADE20K-SemanticSegmentation/semantic_fpn_clip_R_50_512x512_80k.yaml"
-    result = run_script(["train_net.py", "--eval-only", "--config-file", config, "MODEL.DEVICE", "cpu"],
+    result = run_script(["train_net.py", "--eval-only", "--config-file", ADE20K_CONFIG, "MODEL.DEVICE", "cpu"],
                         env={"DETECTRON2_DATASETS": str(tmp_path)}, timeout=300)
     assert result.returncode != 0
     assert f"python tools/prepare_ade20k.py {tmp_path / 'ADEChallengeData2016'}" in result.stdout, result.stdout[-3000:]

@@ -100,9 +100,11 @@ def test_coordinates_inverse_and_bad_input():
     expected = coords * [23 / 52, 17 / 40]  # x by new_w / w, y by new_h / h
     assert np.allclose(t.apply_coords(coords.copy()), expected)
     assert np.allclose(t.apply_coords(coords.copy()), T.ResizeTransform(40, 52, 17, 23).apply_coords(coords.copy()))
-    assert np.allclose(t.apply_box(np.array([[13.0, 10.0, 26.0, 20.0]])), [[13 * 23 / 52, 10 * 17 / 40, 26 * 23 / 52, 20 * 17 / 40]])
+    box = t.apply_box(np.array([[13.0, 10.0, 26.0, 20.0]]))
+    assert np.allclose(box, [[13 * 23 / 52, 10 * 17 / 40, 26 * 23 / 52, 20 * 17 / 40]])
     inverse = t.inverse()
-    assert isinstance(inverse, OpenCVResizeTransform) and (inverse.h, inverse.w, inverse.new_h, inverse.new_w) == (17, 23, 40, 52)
+    assert isinstance(inverse, OpenCVResizeTransform)
+    assert (inverse.h, inverse.w, inverse.new_h, inverse.new_w) == (17, 23, 40, 52)
     assert np.allclose(inverse.apply_coords(t.apply_coords(coords.copy())), coords)
     assert isinstance(t, T.ResizeTransform)  # code that looks for resizes finds it
     with pytest.raises(ValueError, match=r"made for a 40 x 52 \(h x w\) image, got 41 x 52"):
@@ -119,7 +121,8 @@ def test_factory_backends_and_the_config_key():
     pil = resize_transform(h, w, new_h, new_w, "pil")
     assert type(pil) is T.ResizeTransform  # the default is Detectron2's, unchanged
     assert np.array_equal(pil.apply_image(image), T.ResizeTransform(h, w, new_h, new_w).apply_image(image))
-    assert np.array_equal(resize_transform(h, w, new_h, new_w, "opencv").apply_image(image), cv2_linear(image, new_h, new_w))
+    opencv = resize_transform(h, w, new_h, new_w, "opencv")
+    assert np.array_equal(opencv.apply_image(image), cv2_linear(image, new_h, new_w))
     with pytest.raises(ValueError, match=r"INPUT.RESIZE_BACKEND must be 'pil' .* or 'opencv' .*got 'cv2'"):
         resize_transform(h, w, new_h, new_w, "cv2")
     cfg = get_cfg()
@@ -165,7 +168,8 @@ def test_shortest_edge_resize_draws_as_detectron2():
         np.random.seed(3)
         sizes += [(t.new_h, t.new_w) for t in (aug.get_transform(image) for _ in range(20))]
     assert ours == theirs and len(set(ours)) > 5
-    test_resize = build_test_resize(cfg_with(INPUT__MIN_SIZE_TEST=20, INPUT__MAX_SIZE_TEST=1000, INPUT__RESIZE_BACKEND="opencv"))
+    cfg = cfg_with(INPUT__MIN_SIZE_TEST=20, INPUT__MAX_SIZE_TEST=1000, INPUT__RESIZE_BACKEND="opencv")
+    test_resize = build_test_resize(cfg)
     t = test_resize.get_transform(image)
     assert isinstance(t, OpenCVResizeTransform) and (t.new_h, t.new_w) == (20, 27)  # 40 x 20/30 = 26.7
 

@@ -87,5 +87,6 @@ def test_evaluator_adds_the_release_s_keys_to_detectron2_s(dataset, tmp_path):
     assert ours["mACC"] == pytest.approx(MACC) and ours["mAcc_release"] == pytest.approx(MACC)
     assert ours["pACC"] == pytest.approx(AACC) and ours["aAcc_release"] == pytest.approx(AACC)
     assert math.isnan(ours["IoU-y"]) and math.isnan(ours["IoU-z"])  # Detectron2: no ground truth, no IoU
-    saved = torch.load(tmp_path / "out" / "sem_seg_evaluation.pth", weights_only=False)  # NumPy floats, as Detectron2 saves
+    # NumPy floats in it, as Detectron2 saves them: not a weights-only file
+    saved = torch.load(tmp_path / "out" / "sem_seg_evaluation.pth", weights_only=False)
     assert saved["mIoU_release"] == pytest.approx(MIOU_RELEASE)

@@ -93,7 +93,9 @@ class SemSegDatasetMapper(DenseCLIPDatasetMapper):
         ignore_value = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
         backend = get_resize_backend(cfg)
         if not is_train:  # the release's test resize: short side 512, long side at most 2048, keep ratio
-            augmentations = [ResizeShortestEdgeWithBackend(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, backend=backend)]
+            augmentations = [
+                ResizeShortestEdgeWithBackend(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, backend=backend)
+            ]
         else:
             augmentations = [RandomScaleResize(cfg.INPUT.SCALE_TRAIN, cfg.INPUT.SCALE_RATIO_RANGE_TRAIN, backend)]
             if cfg.INPUT.CROP.ENABLED:

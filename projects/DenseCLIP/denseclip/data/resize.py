@@ -112,7 +112,9 @@ class OpenCVResizeTransform(ResizeTransform):
         if interp == Image.NEAREST:
             return self.apply_segmentation(img)
         if interp not in (None, Image.BILINEAR):
-            raise ValueError(f"OpenCVResizeTransform interpolates bilinearly (images) or nearest (labels), not {interp!r}")
+            raise ValueError(
+                f"OpenCVResizeTransform interpolates bilinearly (images) or nearest (labels), not {interp!r}"
+            )
         self._check_shape(img, "image")
         if img.dtype.type not in _LINEAR_DTYPES:
             raise TypeError(

@@ -57,7 +57,9 @@ def release_sem_seg_metrics(conf_matrix: np.ndarray) -> Dict[str, object]:
     """
     conf_matrix = np.asarray(conf_matrix)
     if conf_matrix.ndim != 2 or conf_matrix.shape[0] != conf_matrix.shape[1] or conf_matrix.shape[0] < 2:
-        raise ValueError(f"Expected SemSegEvaluator's (K + 1) x (K + 1) confusion matrix, got shape {conf_matrix.shape}")
+        raise ValueError(
+            f"Expected SemSegEvaluator's (K + 1) x (K + 1) confusion matrix, got shape {conf_matrix.shape}"
+        )
     counted = conf_matrix[:-1, :-1].astype(np.float64)
     intersection = counted.diagonal()
     predicted, ground_truth = counted.sum(axis=1), counted.sum(axis=0)
@@ -97,7 +99,8 @@ class ReleaseSemSegEvaluator(SemSegEvaluator):
         logger.info(
             f"{self._dataset_name}, the release's metrics (MMSegmentation 0.19): aAcc {release['aAcc']:.2f}, mIoU "
             f"{release['mIoU']:.2f} over the {nonempty} classes predicted or in the ground truth, mAcc "
-            f"{release['mAcc']:.2f}; Detectron2's mIoU {res['mIoU']:.2f} is over the {in_ground_truth} in the ground truth"
+            f"{release['mAcc']:.2f}; Detectron2's mIoU {res['mIoU']:.2f} is over the {in_ground_truth} in the "
+            f"ground truth"
         )
         if self._output_dir:  # SemSegEvaluator saved its results without the release's: save them again
             with PathManager.open(os.path.join(self._output_dir, "sem_seg_evaluation.pth"), "wb") as f:
