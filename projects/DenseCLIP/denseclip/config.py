@@ -189,9 +189,14 @@ def add_dataset_config(cfg) -> None:
 
 
 def add_input_config(cfg) -> None:
-    """The semantic segmentors' input pipeline (SemSegDatasetMapper): the release's training resize, crop,
-    flip and photometric distortion. Testing resizes with INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST (the
-    release: 512 / 2048)."""
+    """The input pipeline: how images are resized, and the semantic segmentors' (SemSegDatasetMapper)
+    release pipeline of training resize, crop, flip and photometric distortion. Testing resizes with
+    INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST (the release: 512 / 2048)."""
+    # How every resize of an image interpolates (training and test mappers, multi-scale testing, the
+    # predictor and demo, exported graphs' runner): "pil", Detectron2's ResizeTransform (PIL's
+    # antialiasing bilinear filter for uint8 images); or "opencv", the release's cv2.resize (INTER_LINEAR
+    # images, INTER_NEAREST label maps, as MMCV's imrescale). The output size is the same with both.
+    cfg.INPUT.RESIZE_BACKEND = "pil"
     # Training resize (long, short): a ratio r is drawn from SCALE_RATIO_RANGE_TRAIN and the image is
     # scaled, keeping its aspect ratio, to the largest size whose long side is at most r x SCALE_TRAIN[0]
     # and short side at most r x SCALE_TRAIN[1].

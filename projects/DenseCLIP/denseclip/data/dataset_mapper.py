@@ -14,13 +14,25 @@ from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.utils.file_io import PathManager
 
+from .resize import ResizeShortestEdgeWithBackend, build_detection_augmentations, get_resize_backend
 from .transforms import PhotometricDistortion, RandomScaleResize
 
 __all__ = ["DenseCLIPDatasetMapper", "SemSegDatasetMapper", "read_label_map"]
 
 
 class DenseCLIPDatasetMapper(DatasetMapper):
-    """Same as :class:`DatasetMapper`; a missing or undecodable image raises an OSError naming it."""
+    """Same as :class:`DatasetMapper`, with the resizes of INPUT.RESIZE_BACKEND
+    (:func:`~denseclip.data.resize.build_detection_augmentations`); a missing or undecodable image
+    raises an OSError naming it."""
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        ret = super().from_config(cfg, is_train)
+        augmentations = build_detection_augmentations(cfg, is_train)
+        if cfg.INPUT.CROP.ENABLED and is_train:  # as DatasetMapper: the crop first
+            augmentations.insert(0, T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE))
+        ret["augmentations"] = augmentations
+        return ret
 
     def __call__(self, dataset_dict):
         try:
@@ -52,8 +64,9 @@ def read_label_map(file_name: str, dtype=None) -> np.ndarray:
 class SemSegDatasetMapper(DenseCLIPDatasetMapper):
     """
     Maps a sem-seg dataset dict (``file_name``, ``sem_seg_file_name``) to ``image`` (3 x H x W) and
-    ``sem_seg`` (H x W long) through ``augmentations``; checks that every label is a class index
-    below ``num_classes`` or ``ignore_value``. With ``pad_size`` (training with absolute crops, as
+    ``sem_seg`` (H x W long) through ``augmentations`` (from a config, their resizes interpolate as
+    INPUT.RESIZE_BACKEND says); checks that every label is a class index below ``num_classes`` or
+    ``ignore_value``. With ``pad_size`` (training with absolute crops, as
     the release pads after cropping), images smaller than it are padded at the bottom and right
     with ``pad_pixel`` (the pixel mean, so 0 once the model normalises; the image becomes float32)
     and their labels with ``ignore_value``.
@@ -72,12 +85,14 @@ class SemSegDatasetMapper(DenseCLIPDatasetMapper):
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
         ignore_value = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
+        backend = get_resize_backend(cfg)
         if not is_train:  # the release's test resize: short side 512, long side at most 2048, keep ratio
             # (none with MIN_SIZE_TEST 0, Detectron2's convention: multi-scale testing resizes itself)
-            augmentations = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)]
-            augmentations = augmentations if cfg.INPUT.MIN_SIZE_TEST > 0 else []
+            augmentations = [
+                ResizeShortestEdgeWithBackend(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, backend=backend)
+            ] if cfg.INPUT.MIN_SIZE_TEST > 0 else []
         else:
-            augmentations = [RandomScaleResize(cfg.INPUT.SCALE_TRAIN, cfg.INPUT.SCALE_RATIO_RANGE_TRAIN)]
+            augmentations = [RandomScaleResize(cfg.INPUT.SCALE_TRAIN, cfg.INPUT.SCALE_RATIO_RANGE_TRAIN, backend)]
             if cfg.INPUT.CROP.ENABLED:
                 augmentations.append(T.RandomCrop_CategoryAreaConstraint(
                     cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE, cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA, ignore_value

@@ -9,7 +9,9 @@ from typing import Optional, Tuple
 import cv2
 import numpy as np
 
-from detectron2.data.transforms import Augmentation, NoOpTransform, ResizeTransform, Transform
+from detectron2.data.transforms import Augmentation, NoOpTransform, Transform
+
+from .resize import check_resize_backend, resize_transform
 
 __all__ = ["RandomScaleResize", "PhotometricDistortion", "PhotometricDistortionTransform", "scale_resize_shape"]
 
@@ -30,14 +32,17 @@ class RandomScaleResize(Augmentation):
     Resize keeping the aspect ratio to a randomly scaled target (MMSegmentation's ``Resize`` with
     ``img_scale`` and ``ratio_range``): draws r uniformly from ``ratio_range``, takes the target
     (int(scale[0] * r), int(scale[1] * r)) and resizes to :func:`scale_resize_shape` of it. The
-    release: scale (2048, 512), ratios 0.5-2.0. Pixels are interpolated by Detectron2's
-    ``ResizeTransform`` (bilinear image, nearest-neighbour labels).
+    release: scale (2048, 512), ratios 0.5-2.0. Pixels are interpolated by
+    :func:`~denseclip.data.resize.resize_transform` with ``backend`` (INPUT.RESIZE_BACKEND): "pil",
+    Detectron2's ``ResizeTransform``, or "opencv", the release's cv2.resize (bilinear image,
+    nearest-neighbour labels with both).
     """
 
-    def __init__(self, scale: Tuple[int, int], ratio_range: Tuple[float, float]):
+    def __init__(self, scale: Tuple[int, int], ratio_range: Tuple[float, float], backend: str = "pil"):
         super().__init__()
         if not 0 < ratio_range[0] <= ratio_range[1]:
             raise ValueError(f"ratio_range must be (low, high) with 0 < low <= high, got {tuple(ratio_range)}")
+        check_resize_backend(backend)
         self._init(locals())
 
     def get_transform(self, image):
@@ -46,7 +51,7 @@ class RandomScaleResize(Augmentation):
         target = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
         height, width = image.shape[:2]
         new_height, new_width = scale_resize_shape(height, width, target)
-        return ResizeTransform(height, width, new_height, new_width)
+        return resize_transform(height, width, new_height, new_width, self.backend)
 
 
 class PhotometricDistortionTransform(Transform):

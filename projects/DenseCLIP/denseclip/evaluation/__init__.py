@@ -1,1 +1,2 @@
 from .score_map_evaluation import ScoreMapEvaluator, class_masks, score_map_intersection_union
+from .sem_seg_evaluation import RELEASE_KEYS, ReleaseSemSegEvaluator, release_sem_seg_metrics
