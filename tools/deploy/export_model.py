@@ -20,7 +20,6 @@ import time
 import numpy as np
 import torch
 
-import detectron2.data.transforms as T
 from detectron2.data import detection_utils
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.modeling import build_model
@@ -28,6 +27,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.logger import setup_logger
 
 from denseclip import DenseCLIPCheckpointer, get_denseclip_cfg, register_datasets_from_config
+from denseclip.data import build_test_resize
 from denseclip.engine import DenseCLIPTrainer
 from denseclip.export import EXPORT_FORMATS, EXPORT_METHODS, export_model
 from denseclip.modeling import parse_vocabulary
@@ -60,8 +60,7 @@ def sample_input(cfg, path=None):
     else:  # any content traces the same graph; a 3:4 image exercises the resize rule
         side = cfg.INPUT.MIN_SIZE_TEST
         image = np.random.default_rng(0).integers(0, 256, (side, side * 4 // 3, 3), dtype=np.uint8)
-    resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
-    resized = resize.get_transform(image).apply_image(image)
+    resized = build_test_resize(cfg).get_transform(image).apply_image(image)
     return torch.as_tensor(resized.astype("float32").transpose(2, 0, 1)), image.shape[:2]
 
 

@@ -3,7 +3,8 @@
 Run a DenseCLIP model written by export_model.py without this project's package or Detectron2.
 
 model.ts needs torch and torchvision (the graph calls torchvision's NMS and RoIAlign); model.onnx needs
-onnxruntime only. Both need numpy and Pillow. This file imports nothing else; copy it next to your code:
+onnxruntime only. Both need numpy and Pillow, and OpenCV for a model exported with INPUT.RESIZE_BACKEND
+"opencv" (the COCO and ADE20K configs). This file imports nothing else; copy it next to your code:
 
     from exported_predictor import ExportedPredictor
     predictor = ExportedPredictor("output/export/model.ts")  # or model.onnx
@@ -34,6 +35,17 @@ def resized_shape(height: int, width: int, short_edge: int, max_size: int):
         scale = max_size / max(new_h, new_w)
         new_h, new_w = new_h * scale, new_w * scale
     return int(new_h + 0.5), int(new_w + 0.5)
+
+
+def resize(image: np.ndarray, new_h: int, new_w: int, backend: str) -> np.ndarray:
+    """An H x W x 3 uint8 image resized bilinearly as the exported config resized its inputs
+    (INPUT.RESIZE_BACKEND): "pil", Detectron2's ResizeTransform (PIL's filter), or "opencv",
+    cv2.resize with INTER_LINEAR (the release's)."""
+    if backend == "opencv":
+        import cv2
+
+        return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((new_w, new_h), Image.BILINEAR))
 
 
 class ExportedPredictor:
@@ -88,7 +100,7 @@ class ExportedPredictor:
             image = image[:, :, ::-1]
         height, width = image.shape[:2]
         new_h, new_w = resized_shape(height, width, self.metadata["min_size_test"], self.metadata["max_size_test"])
-        resized = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((new_w, new_h), Image.BILINEAR))
+        resized = resize(np.ascontiguousarray(image), new_h, new_w, self.metadata.get("resize_backend", "pil"))
         return self.run(resized.transpose(2, 0, 1).astype(np.float32), height, width)
 
 

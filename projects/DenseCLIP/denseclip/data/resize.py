@@ -15,11 +15,12 @@ side rounded as ``int(side * scale + 0.5)``, the same in Detectron2 and in the r
 
 Coordinates (boxes, polygons, keypoints) are scaled by new_w / w and new_h / h with either backend.
 
-:func:`resize_transform` is the one factory every resize goes through (the mappers' augmentations, and
-the predictor, test-time augmentation and exporter once they call it); :class:`ResizeShortestEdgeWithBackend`
-is Detectron2's ``ResizeShortestEdge`` (same size rule, same random draws) on it, and
+:func:`resize_transform` is the one factory every resize goes through (the mappers' augmentations, the
+predictor, multi-scale testing, the exporter's sample); :class:`ResizeShortestEdgeWithBackend` is
+Detectron2's ``ResizeShortestEdge`` (same size rule, same random draws) on it, and
 :func:`build_test_resize` the test resize of INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST that
-``DenseCLIPPredictor`` applies.
+``DenseCLIPPredictor`` applies. The exported graphs' stand-alone runner (tools/deploy/exported_predictor.py)
+repeats the rule without this package.
 """
 import sys
 from typing import List

@@ -4,13 +4,13 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-import detectron2.data.transforms as T
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
 from ..checkpoint import DenseCLIPCheckpointer
 from ..config import check_device
+from ..data import build_test_resize
 from ..modeling import DenseCLIPModel, Vocabulary
 
 __all__ = ["DenseCLIPPredictor"]
@@ -42,7 +42,7 @@ class DenseCLIPPredictor(DefaultPredictor):
         if len(cfg.DATASETS.TEST):
             self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
         DenseCLIPCheckpointer(self.model, text_weights=cfg.MODEL.DENSECLIP.TEXT_WEIGHTS).load(cfg.MODEL.WEIGHTS)
-        self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
+        self.aug = build_test_resize(cfg)  # Detectron2's test resize, interpolated as INPUT.RESIZE_BACKEND says
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT must be RGB or BGR, got {self.input_format!r}")

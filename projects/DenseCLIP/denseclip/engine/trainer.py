@@ -7,13 +7,13 @@ import torch
 
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import DenseCLIPCheckpointer
 from ..data import DenseCLIPDatasetMapper, SemSegDatasetMapper, read_label_map
-from ..evaluation import ScoreMapEvaluator
+from ..evaluation import ReleaseSemSegEvaluator, ScoreMapEvaluator
 from ..modeling import head_num_classes, task_of
 from ..modeling.test_time_augmentation import SemanticSegmentorWithTTA
 from ..solver import build_lr_scheduler, build_optimizer
@@ -142,7 +142,7 @@ class DenseCLIPTrainer(DefaultTrainer):
         semantic segmentors mIoU (SemSegEvaluator)."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
         if task_of(cfg).semantic_segmentation:
-            return SemSegEvaluator(dataset_name, output_dir=output_folder, sem_seg_loading_fn=read_label_map)
+            return ReleaseSemSegEvaluator(dataset_name, output_dir=output_folder, sem_seg_loading_fn=read_label_map)
         tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
         evaluators = [COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)]
         if cfg.MODEL.DENSECLIP.RETURN_SCORE_MAPS:

@@ -135,6 +135,7 @@ def _metadata(cfg, model: nn.Module, fmt: str, outputs: List[str], vocabulary: O
         "outputs": outputs,
         "input_format": cfg.INPUT.FORMAT,
         "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
+        "resize_backend": cfg.INPUT.RESIZE_BACKEND,
         "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
         "max_input_side": max_input_side(cfg, model),
         "class_names": model.class_names,

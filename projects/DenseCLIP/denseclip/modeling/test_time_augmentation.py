@@ -5,7 +5,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from detectron2.data.transforms import ResizeShortestEdge, ResizeTransform
+from detectron2.data.transforms import ResizeShortestEdge
+
+from ..data import get_resize_backend, resize_transform
 
 __all__ = ["SemanticSegmentorWithTTA", "tta_sizes"]
 
@@ -38,6 +40,7 @@ class SemanticSegmentorWithTTA(nn.Module):
         self.model = model
         self.sizes = list(sizes if sizes is not None else tta_sizes(cfg))
         self.flip = cfg.TEST.AUG.FLIP if flip is None else flip
+        self.resize_backend = get_resize_backend(cfg)
         if not self.sizes:
             raise ValueError("Multi-scale testing needs TEST.AUG.SCALE_RATIOS or TEST.AUG.MIN_SIZES")
 
@@ -47,7 +50,7 @@ class SemanticSegmentorWithTTA(nn.Module):
         total, runs = None, 0
         for short, longest in self.sizes:
             new_h, new_w = ResizeShortestEdge.get_output_shape(image.shape[0], image.shape[1], short, longest)
-            resized = ResizeTransform(image.shape[0], image.shape[1], new_h, new_w).apply_image(image)
+            resized = resize_transform(*image.shape[:2], new_h, new_w, self.resize_backend).apply_image(image)
             tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
             for flip in (False, True) if self.flip else (False,):
                 aug = {"image": tensor.flip(-1) if flip else tensor, "height": height, "width": width}
