@@ -105,6 +105,18 @@ def tiny_open_clip(seed: int = 0, layers=None) -> torch.nn.Module:
     return randomize_batchnorm(model, seed).eval()
 
 
+def backbone_cfg(cfg):
+    """``cfg`` as a DenseCLIP meta-architecture hands it to its backbone builder (language guidance on,
+    when MODEL.META_ARCHITECTURE is a DenseCLIP one), for tests that call a builder directly."""
+    from denseclip.modeling import DenseCLIPModel
+
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    cfg = cfg.clone()
+    cfg.MODEL.DENSECLIP.LANGUAGE_GUIDED = issubclass(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), DenseCLIPModel)
+    return cfg
+
+
 def tiny_cfg(denseclip: bool = True, class_names=("cat", "dog", "traffic light")):
     """A Detectron2 config for a tiny CLIP-FPN (matches tiny_open_clip's shapes)."""
     cfg = get_cfg()
@@ -237,19 +249,11 @@ def fill_deterministically(model: torch.nn.Module) -> torch.nn.Module:
 
 def training_batch(with_masks=False):
     """Two 64 x 64 training inputs: one with two objects (classes 0 and 2), one without any."""
+    from denseclip.utils.benchmark import make_training_batch
+
     torch.manual_seed(0)
-    batch = []
-    for boxes, classes in (([[4, 6, 40, 50], [30, 10, 60, 30]], [0, 2]), ([], [])):
-        inst = Instances((64, 64))
-        inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-        inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
-        if with_masks:
-            masks = torch.zeros(len(boxes), 64, 64, dtype=torch.bool)
-            for i, (x1, y1, x2, y2) in enumerate(boxes):
-                masks[i, y1:y2, x1:x2] = True
-            inst.gt_masks = BitMasks(masks)
-        batch.append({"image": torch.rand(3, 64, 64) * 255, "instances": inst})
-    return batch
+    images = [torch.rand(3, 64, 64) * 255 for _ in range(2)]
+    return make_training_batch(images, [[[4, 6, 40, 50], [30, 10, 60, 30]], []], [[0, 2], []], masks=with_masks)
 
 
 def dataset_opts(json_file, image_dir):

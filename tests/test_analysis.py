@@ -317,8 +317,7 @@ def test_benchmark_train_smoke(benchmark_main, capsys):
     result = json.loads(capsys.readouterr().out)
     assert positive_finite(result["ratio"]["denseclip"])
     assert all(positive_finite(s) for s in result["seconds"].values())
-    assert all(positive_finite(m) for m in result["peak_memory_mb"].values())
-    assert positive_finite(result["memory_ratio"])
+    assert result["peak_memory_mb"] is None and result["memory_ratio"] is None  # measured on GPUs only
 
 
 def test_semantic_fpn_flops_follow_the_segmentation_release_rules():

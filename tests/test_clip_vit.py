@@ -27,6 +27,7 @@ from denseclip.solver import build_optimizer
 from denseclip.utils.analysis import count_flops
 
 from helpers import (
+    backbone_cfg,
     REPO,
     assert_detects_on_random_image,
     conv,
@@ -78,7 +79,7 @@ def as_map(tokens, height, width):
 def vit_b16_backbone():
     """The DenseCLIP RetinaNet backbone on CLIP ViT-B/16 (random weights until a test loads some)."""
     torch.manual_seed(0)
-    return build_retinanet_clip_vit_sfp_backbone(vit_b16_cfg(), ShapeSpec(channels=3)).eval()
+    return build_retinanet_clip_vit_sfp_backbone(backbone_cfg(vit_b16_cfg()), ShapeSpec(channels=3)).eval()
 
 
 @pytest.mark.slow
@@ -150,7 +151,7 @@ def tiny_vit_file(tmp_path_factory):
 
 def tiny_vit_backbone(cfg=None):
     torch.manual_seed(0)
-    return build_backbone(cfg or tiny_vit_cfg()).eval()
+    return build_backbone(backbone_cfg(cfg or tiny_vit_cfg())).eval()
 
 
 def open_clip_at(clip, height, width):
@@ -189,7 +190,7 @@ def test_drop_path_per_sample_at_linear_rates(tiny_vit_file):
     cfg.MODEL.CLIP.VIT.LAYERS = 4
     cfg.MODEL.CLIP.VIT.DROP_PATH_RATE = 0.6
     torch.manual_seed(0)
-    encoder = CLIPVisionTransformer(cfg)
+    encoder = CLIPVisionTransformer(backbone_cfg(cfg))
     rates = [0.0, 0.2, 0.4, 0.6]
     assert encoder.drop_path_rates == pytest.approx(rates)
     for block, rate in zip(encoder.transformer.resblocks, rates):
@@ -224,7 +225,7 @@ def test_drop_path_per_sample_at_linear_rates(tiny_vit_file):
     clip = tiny_open_clip_vit(layers=4)
     clip.visual.load_state_dict(encoder.state_dict())
     cfg.MODEL.CLIP.VIT.DROP_PATH_RATE = 0.0
-    plain = CLIPVisionTransformer(cfg)
+    plain = CLIPVisionTransformer(backbone_cfg(cfg))
     plain.load_state_dict(encoder.state_dict())
     images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(4))
     encoder.eval()
@@ -241,7 +242,7 @@ def test_drop_path_keeps_clip_parameter_names():
     clip_names = set(tiny_open_clip_vit().visual.state_dict())
     cfg = tiny_vit_cfg()
     cfg.MODEL.CLIP.VIT.DROP_PATH_RATE = 0.1
-    assert set(CLIPVisionTransformer(cfg).state_dict()) == clip_names
+    assert set(CLIPVisionTransformer(backbone_cfg(cfg)).state_dict()) == clip_names
 
 
 def test_clip_baseline_has_no_embeddings_and_loads_the_image_encoder_only(tiny_vit_file, caplog):
@@ -272,7 +273,7 @@ def test_language_guided_pyramid_reads_the_score_map():
     assert first.in_channels == 64 + 3
     assert backbone.padding_constraints == {"size_divisibility": 32, "square_size": 0}
     with torch.no_grad():
-        features, score_map = backbone.forward_with_score_map(torch.zeros(1, 3, 64, 96))
+        features, score_map, *_ = backbone.forward_with_score_map(torch.zeros(1, 3, 64, 96))
     assert score_map.shape == (1, 3, 4, 6)
     assert list(features) == ["p3", "p4", "p5", "p6", "p7"]
     assert [tuple(v.shape[-2:]) for v in features.values()] == [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]
@@ -282,7 +283,7 @@ def test_language_guided_pyramid_reads_the_score_map():
 def test_rn50_and_vit_b16_weights_swapped_are_clear_errors(open_clip_models):
     """RN50 weights into the ViT-B/16 config and ViT-B/16 weights into the RN50 config are refused,
     naming both architectures, with nothing half-loaded."""
-    vit = build_retinanet_clip_vit_sfp_backbone(vit_b16_cfg(denseclip=False), ShapeSpec(channels=3))
+    vit = build_retinanet_clip_vit_sfp_backbone(backbone_cfg(vit_b16_cfg(denseclip=False)), ShapeSpec(channels=3))
     before = {k: v.clone() for k, v in vit.state_dict().items()}
     with pytest.raises(ValueError) as error:
         load_clip_weights(vit, as_clip_state_dict(open_clip_models("RN50-quickgelu").state_dict()), "RN50.pt")
@@ -296,7 +297,7 @@ def test_rn50_and_vit_b16_weights_swapped_are_clear_errors(open_clip_models):
     rn50.merge_from_file(os.path.join(REPO, "configs/COCO-Detection/retinanet_clip_R_50_FPN_1x.yaml"))
     rn50.MODEL.DEVICE = "cpu"
     with pytest.raises(ValueError) as error:
-        load_clip_weights(build_backbone(rn50), as_clip_state_dict(open_clip_models(VIT_B_16).state_dict()))
+        load_clip_weights(build_backbone(backbone_cfg(rn50)), as_clip_state_dict(open_clip_models(VIT_B_16).state_dict()))
     message = str(error.value)
     assert "holds a vision transformer" in message and "(CLIP ViT-B/16)" in message
     assert "with a ResNet image encoder" in message and "(CLIP RN50)" in message
@@ -310,7 +311,7 @@ def test_other_vit_or_a_resnet_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"holds a ResNet image encoder.*configured \(MODEL.CLIP\) with a vision"):
         DenseCLIPCheckpointer(tiny_vit_backbone()).load(str(tmp_path / "resnet.pt"))
     with pytest.raises(ValueError, match=r"holds a vision transformer.*configured \(MODEL.CLIP\) with a ResNet"):
-        DenseCLIPCheckpointer(build_clip_fpn_backbone(tiny_cfg(), ShapeSpec(channels=3))).load(str(tmp_path / "deeper.pt"))
+        DenseCLIPCheckpointer(build_clip_fpn_backbone(backbone_cfg(tiny_cfg()), ShapeSpec(channels=3))).load(str(tmp_path / "deeper.pt"))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from detectron2.layers import ShapeSpec
 from denseclip.checkpoint import DenseCLIPCheckpointer
 from denseclip.modeling import build_clip_fpn_backbone
 
-from helpers import build_open_clip, tiny_cfg, tiny_open_clip
+from helpers import backbone_cfg, build_open_clip, tiny_cfg, tiny_open_clip
 
 
 def rn50_backbone(input_resolution=224, denseclip=True):
@@ -19,11 +19,11 @@ def rn50_backbone(input_resolution=224, denseclip=True):
     cfg.MODEL.CLIP.INPUT_RESOLUTION = input_resolution
     cfg.MODEL.CLIP.TEXT.WIDTH, cfg.MODEL.CLIP.TEXT.HEADS, cfg.MODEL.CLIP.TEXT.LAYERS = 512, 8, 12
     torch.manual_seed(0)  # the parts CLIP does not provide start the same in every build
-    return build_clip_fpn_backbone(cfg, ShapeSpec(channels=3)).eval()
+    return build_clip_fpn_backbone(backbone_cfg(cfg), ShapeSpec(channels=3)).eval()
 
 
 def tiny_backbone(cfg=None):
-    return build_clip_fpn_backbone(cfg or tiny_cfg(), ShapeSpec(channels=3)).eval()
+    return build_clip_fpn_backbone(backbone_cfg(cfg or tiny_cfg()), ShapeSpec(channels=3)).eval()
 
 
 @pytest.fixture(scope="module")

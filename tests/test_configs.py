@@ -8,6 +8,7 @@ import pytest
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
+from denseclip.modeling import ScoreMapLoss, task_of
 from denseclip import add_denseclip_config
 
 from helpers import assert_detects_on_random_image, conv, inference_parameters, score_map_parameters
@@ -108,7 +109,8 @@ def test_release_recipe(config):
     # No decay only where the parameter's name contains "norm"; trained, synchronised BatchNorm.
     assert cfg.SOLVER.WEIGHT_DECAY_NORM == 1e-4 and cfg.SOLVER.NO_WEIGHT_DECAY_KEYS == ["norm"]
     assert cfg.MODEL.CLIP.NORM == "SyncBN" and cfg.MODEL.CLIP.FREEZE_AT == 0
-    assert cfg.MODEL.CLIP.ACTIVATION == "QuickGELU" and cfg.MODEL.DENSECLIP.SCORE_MAP_LOSS.TARGET == "box"
+    # the release's score-map targets: box cells (the detectors' rule, chosen by the meta-architecture)
+    assert cfg.MODEL.CLIP.ACTIVATION == "QuickGELU" and ScoreMapLoss(cfg, task_of(cfg)).target == "box"
     assert cfg.MODEL.FPN.RELU_BEFORE_P7 is False
     assert cfg.SOLVER.BASE_LR == (1e-4 if "retinanet" in config else 2e-4) and cfg.SOLVER.IMS_PER_BATCH == 16
     assert cfg.SOLVER.BACKBONE_MULTIPLIER == 0.1

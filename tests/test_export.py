@@ -57,10 +57,10 @@ def sample_image(size, seed):
 
 
 def eager_outputs(model, image, height, width, vocabulary=None):
-    model.return_score_maps, model.vocabulary = True, vocabulary
+    """The eager model's output with the score maps of ``vocabulary`` (default: its classes)."""
+    vocabulary = model.class_names if vocabulary is None else vocabulary
     with torch.no_grad():
-        (output,) = model([{"image": image, "height": height, "width": width}])
-    model.return_score_maps, model.vocabulary = False, None
+        (output,) = model([{"image": image, "height": height, "width": width, "vocabulary": vocabulary}])
     return output
 
 
@@ -134,10 +134,13 @@ def test_semantic_segmentor_export_matches_eager_on_other_sizes(vit, fmt, tmp_pa
 
 def test_graph_holds_baked_text_embeddings_not_the_text_encoder(tmp_path):
     """A baked vocabulary gives the eager model's score maps for that vocabulary; the graph stores the
-    K x D embeddings of the classes and of the vocabulary instead of the text encoder's weights."""
+    K x D embeddings of the classes and of the vocabulary (the score-map module's, frozen) instead of the
+    text encoder's weights, and the model is left as it was."""
     cfg, model = random_model("mask_rcnn")
     vocabulary = ["cat", "dog", "traffic light"]
+    text_encoder = model.score_map.text_encoder
     path, _ = export_model(cfg, model, sample_image(SAMPLE_SIZE, 0), SAMPLE_SIZE, str(tmp_path), vocabulary=vocabulary)
+    assert model.score_map.text_encoder is text_encoder and not model.training
     predictor = exported_predictor.ExportedPredictor(path)
     assert predictor.score_map_names == vocabulary and "score_maps" in predictor.metadata["outputs"]
     for seed, (size, (height, width)) in enumerate(TEST_SIZES, start=1):
@@ -151,10 +154,9 @@ def test_graph_holds_baked_text_embeddings_not_the_text_encoder(tmp_path):
         assert not np.allclose(exported["score_maps"], classes[:3].numpy(), rtol=1e-2)
 
     state = torch.jit.load(path).state_dict()
-    text_encoder = model.backbone.score_map.text_encoder
     embed_dim = text_encoder.text_projection.shape[1]
     assert not any("text_encoder.transformer" in k or "token_embedding" in k or "contexts" in k for k in state)
-    baked = {k: v.shape for k, v in state.items() if k.endswith("_embeddings")}
+    baked = {k: v.shape for k, v in state.items() if ".text_encoder.embeddings_" in k}
     assert sorted(baked.values()) == sorted([torch.Size([5, embed_dim]), torch.Size([3, embed_dim])])
     size = lambda module: sum(t.numel() for t in (*module.parameters(), *module.buffers()))  # noqa: E731
     assert sum(t.numel() for t in state.values()) == size(model) - size(text_encoder) + (5 + 3) * embed_dim

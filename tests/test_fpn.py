@@ -6,7 +6,7 @@ from detectron2.layers import ShapeSpec
 
 from denseclip.modeling import build_retinanet_clip_fpn_backbone
 
-from helpers import tiny_detector_cfg
+from helpers import backbone_cfg, tiny_detector_cfg
 
 
 @pytest.mark.parametrize("relu_before_p7", [False, True])
@@ -16,10 +16,10 @@ def test_retinanet_p6_p7(relu_before_p7):
     cfg = tiny_detector_cfg("retinanet")
     cfg.MODEL.FPN.RELU_BEFORE_P7 = relu_before_p7
     torch.manual_seed(0)
-    backbone = build_retinanet_clip_fpn_backbone(cfg, ShapeSpec(channels=3)).eval()
+    backbone = build_retinanet_clip_fpn_backbone(backbone_cfg(cfg), ShapeSpec(channels=3)).eval()
     image = torch.randn(1, 3, 128, 160)
     with torch.no_grad():
-        features, score_map = backbone.forward_with_score_map(image)
+        features, score_map, *_ = backbone.forward_with_score_map(image)
         res5 = torch.cat([backbone.bottom_up(image)["res5"], score_map], dim=1)
         top = backbone.neck.top_block
         p6 = F.conv2d(res5, top.p6.weight, top.p6.bias, stride=2, padding=1)

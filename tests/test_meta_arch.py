@@ -63,7 +63,7 @@ def test_res5_carries_the_score_map_into_the_fpn():
     assert backbone.neck.bottom_up.output_shape()["res5"].channels == 256 + 3
     image = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
-        features, score_map = backbone.forward_with_score_map(image)
+        features, score_map, *_ = backbone.forward_with_score_map(image)
         res5 = backbone.bottom_up(image)["res5"]
         res5_with_scores = torch.cat([res5, score_map], dim=1)
         lateral = backbone.neck.fpn_lateral5(res5_with_scores)
@@ -76,14 +76,15 @@ def test_res5_carries_the_score_map_into_the_fpn():
 def test_score_maps_returned_on_the_original_image(kind):
     """Off by default; when asked, each image's score maps come back at its original size, equal to the
     backbone's score map upsampled to the padded input and resized like Detectron2's semantic outputs."""
-    model = build(kind).eval()
+    plain = build(kind).eval()
+    model = build(kind, **{"MODEL.DENSECLIP.RETURN_SCORE_MAPS": True}).eval()
+    model.load_state_dict(plain.state_dict())
     image = torch.rand(3, 60, 90) * 255  # resized from a 50 x 75 original, padded to 64 x 96
     inputs = [{"image": image, "height": 50, "width": 75}]
     with torch.no_grad():
-        (plain,) = model(inputs)
-        model.return_score_maps = True
+        (plain,) = plain(inputs)
         (output,) = model(inputs)
-        _, score_map = model.backbone.forward_with_score_map(model.preprocess_image(inputs).tensor)
+        _, score_map, *_ = model.backbone.forward_with_score_map(model.preprocess_image(inputs).tensor)
     assert "score_maps" not in plain
     assert output["score_maps"].shape == (3, 50, 75)
     padded = F.interpolate(score_map, size=(64, 96), mode="bilinear", align_corners=False)[0]
@@ -92,36 +93,59 @@ def test_score_maps_returned_on_the_original_image(kind):
 
 
 def test_score_maps_for_any_vocabulary():
+    """An input's "vocabulary" (names, a comma-separated string, or a Vocabulary made by the score-map
+    module) gives that input's score maps; the text side runs once per vocabulary (cached)."""
     model = build("mask_rcnn").eval()
-    model.return_score_maps = True
-    inputs = [{"image": torch.rand(3, 64, 64) * 255}]
+    image = torch.rand(3, 64, 64) * 255
     runs = []
-    model.backbone.score_map.text_encoder.token_embedding.register_forward_hook(lambda *a: runs.append(1))
+    model.score_map.text_encoder.token_embedding.register_forward_hook(lambda *a: runs.append(1))
+    words = model.score_map.vocabulary("zebra, traffic cone,dog, teapot")
+    assert words.names == ("zebra", "traffic cone", "dog", "teapot") and words.token_ids.shape == (4, 5)
     with torch.no_grad():
-        (own,) = model(inputs)
-        model.vocabulary = ["zebra", "traffic cone", "dog", "teapot"]
-        (first,) = model(inputs)
-        (second,) = model(inputs)
-    assert model.score_map_names == ["zebra", "traffic cone", "dog", "teapot"]
+        (own,) = model([{"image": image, "vocabulary": None}])
+        (first,) = model([{"image": image, "vocabulary": words}])
+        (second,) = model([{"image": image, "vocabulary": ["zebra", "traffic cone", "dog", "teapot"]}])
+    assert "score_maps" not in own  # RETURN_SCORE_MAPS is off and no vocabulary was given
     assert first["score_maps"].shape == (4, 64, 64)
     torch.testing.assert_close(first["score_maps"], second["score_maps"])
     torch.testing.assert_close(first["instances"].scores, own["instances"].scores)  # the head keeps its classes
     assert len(runs) == 2  # training classes once, the vocabulary once: both cached
+    assert model.score_map.vocabulary(["zebra", "traffic cone", "dog", "teapot"]) is words  # tokenized once
     # The training classes in another order: the same maps, reordered (the context decoder's attention
     # over the names has no positions).
-    model.vocabulary = ["traffic light", "cat", "dog"]
     with torch.no_grad():
-        (reordered,) = model(inputs)
-    torch.testing.assert_close(reordered["score_maps"], own["score_maps"][[2, 0, 1]])
+        (classes,) = model([{"image": image, "vocabulary": ["cat", "dog", "traffic light"]}])
+        (reordered,) = model([{"image": image, "vocabulary": ["traffic light", "cat", "dog"]}])
+    torch.testing.assert_close(reordered["score_maps"], classes["score_maps"][[2, 0, 1]])
+
+
+def test_each_input_of_a_batch_gets_its_own_vocabulary():
+    """A batch mixing vocabularies (and inputs without one) returns each input what it alone would get."""
+    model = build("retinanet", **{"MODEL.DENSECLIP.RETURN_SCORE_MAPS": True}).eval()
+    images = [torch.rand(3, 64, 64) * 255 for _ in range(3)]
+    vocabularies = ["moon, sun", None, "teapot"]
+    with torch.no_grad():
+        batch = model([{"image": im, "vocabulary": v} for im, v in zip(images, vocabularies)])
+        alone = [model([{"image": im, "vocabulary": v}])[0] for im, v in zip(images, vocabularies)]
+    assert [out["score_maps"].shape[0] for out in batch] == [2, 3, 1]
+    for together, single in zip(batch, alone):
+        torch.testing.assert_close(together["score_maps"], single["score_maps"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_name_that_does_not_fit_the_prompt_is_refused_when_the_vocabulary_is_made():
+    model = build("retinanet").eval()
+    with pytest.raises(ValueError, match="'a rather long class name for a prompt'"):
+        model.score_map.vocabulary(["cat", "a rather long class name for a prompt"])
 
 
 @pytest.mark.parametrize("kind", ["retinanet", "mask_rcnn"])
 def test_cached_text_embeddings_give_identical_outputs(kind):
-    cached, recomputed = build(kind).eval(), build(kind, **{"MODEL.DENSECLIP.CACHE_TEXT_EMBEDDINGS": False}).eval()
+    on = {"MODEL.DENSECLIP.RETURN_SCORE_MAPS": True}
+    cached = build(kind, **on).eval()
+    recomputed = build(kind, **on, **{"MODEL.DENSECLIP.CACHE_TEXT_EMBEDDINGS": False}).eval()
     recomputed.load_state_dict(cached.state_dict())
     runs = []
-    cached.backbone.score_map.text_encoder.token_embedding.register_forward_hook(lambda *a: runs.append(1))
-    cached.return_score_maps = recomputed.return_score_maps = True
+    cached.score_map.text_encoder.token_embedding.register_forward_hook(lambda *a: runs.append(1))
     with torch.no_grad():
         for _ in range(3):
             image = {"image": torch.rand(3, 64, 64) * 255}
@@ -151,6 +175,7 @@ def test_one_switch_misconfigurations_fail_at_build_time():
     cfg = tiny_detector_cfg("mask_rcnn")
     cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
     model = build_model(cfg)
+    assert not cfg.MODEL.DENSECLIP.LANGUAGE_GUIDED  # set only in the copy a DenseCLIP meta-architecture builds with
     assert not any("text_encoder" in name for name, _ in model.named_parameters())
     assert model.backbone.bottom_up.attnpool is None
     assert model.backbone.bottom_up.output_shape()["res5"].channels == 256

@@ -33,7 +33,7 @@ def test_autocast_training_step_is_finite_with_float32_score_maps(kind):
     model = build_model(tiny_detector_cfg(kind))
     batch = enlarged_training_batch(with_masks=kind == "mask_rcnn")
     with EventStorage(), torch.autocast("cpu", dtype=torch.bfloat16):
-        _, score_map = model.backbone.forward_with_score_map(model.preprocess_image(batch).tensor)
+        _, score_map, *_ = model.backbone.forward_with_score_map(model.preprocess_image(batch).tensor)
         losses = model(batch)
     assert score_map.dtype == torch.float32
     assert losses["loss_score_map"].dtype == torch.float32
@@ -53,9 +53,9 @@ def test_bfloat16_autocast_inference_matches_float32(kind):
     image = {"image": torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(1)) * 255, "height": 64, "width": 96}
     images = model.preprocess_image([image]).tensor
     with torch.no_grad():
-        features, score_map = model.backbone.forward_with_score_map(images)
+        features, score_map, *_ = model.backbone.forward_with_score_map(images)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            half_features, half_score_map = model.backbone.forward_with_score_map(images)
+            half_features, half_score_map, *_ = model.backbone.forward_with_score_map(images)
             (output,) = model([image])
     assert half_score_map.dtype == torch.float32
     assert relative_error(half_score_map, score_map) < 0.03

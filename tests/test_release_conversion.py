@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes
 
 from denseclip import DenseCLIPCheckpointer, get_denseclip_cfg
 from denseclip.checkpoint import convert_release_state_dict, read_release_checkpoint
-from denseclip.data import resolve_class_names
 
 from helpers import REPO, relative_error, run_script, tiny_detector_cfg
 
@@ -247,7 +247,7 @@ def same_anchor_index(ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
 def convert(cfg, state, classes=CLASSES):
     torch.manual_seed(1)
     model = build_model(cfg).eval()
-    converted, report = convert_release_state_dict(state, {"CLASSES": list(classes)}, model, cfg, resolve_class_names(cfg))
+    converted, report = convert_release_state_dict(state, {"CLASSES": list(classes)}, model, cfg)
     return model, converted, report
 
 
@@ -453,7 +453,7 @@ def test_converted_backbone_and_fpn_compute_the_release_features(detector, guide
     with torch.no_grad():
         expected, expected_score_map = release_features(cfg, state, image, detector, guided)
         if guided:
-            features, score_map = model.backbone.forward_with_score_map(image)
+            features, score_map, *_ = model.backbone.forward_with_score_map(image)
         else:
             features = model.backbone(image)
     levels = ["p3", "p4", "p5", "p6", "p7"] if detector == "retinanet" else ["p2", "p3", "p4", "p5", "p6"]
@@ -626,7 +626,7 @@ def test_the_four_released_layouts_convert_and_load(detector, depth, tmp_path):
     """Full-size release layouts (80 COCO classes) through the converter's command line, then loaded."""
     config = os.path.join(REPO, COCO_CONFIGS[(detector, depth)])
     cfg = get_denseclip_cfg(config, ["MODEL.DEVICE", "cpu"])
-    classes = resolve_class_names(cfg)
+    classes = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).thing_classes
     state = release_state_dict(cfg, detector, guided=True, num_classes=len(classes))
     release, output = tmp_path / "release.pth", tmp_path / "converted.pth"
     torch.save({"state_dict": state, "meta": {"CLASSES": tuple(classes), "mmdet_version": "2.17.0"}}, release)

@@ -15,9 +15,10 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetMapper
 
 from denseclip import add_denseclip_config, get_denseclip_cfg
+from denseclip.config import add_input_config
 from denseclip.data import (
     DenseCLIPDatasetMapper, OpenCVResizeTransform, ResizeShortestEdgeWithBackend, SemSegDatasetMapper,
-    add_input_config, build_detection_augmentations, build_test_resize, get_resize_backend, resize_transform,
+    build_detection_augmentations, build_test_resize, get_resize_backend, resize_transform,
 )
 from denseclip.data.transforms import RandomScaleResize
 
@@ -49,10 +50,9 @@ def random_image(shape, dtype, seed=0):
 
 
 def cfg_with(**opts):
-    """Detectron2's config with DenseCLIP's keys and the input keys added by add_input_config directly."""
+    """Detectron2's config with DenseCLIP's keys."""
     cfg = get_cfg()
     add_denseclip_config(cfg)
-    add_input_config(cfg)
     cfg.merge_from_list([x for kv in opts.items() for x in (kv[0].replace("__", "."), str(kv[1]))])
     return cfg
 

@@ -100,14 +100,14 @@ def test_slide_averages_overlapping_windows():
     image = torch.arange(height * width, dtype=torch.float32).reshape(1, height, width).expand(3, -1, -1)
     coordinates = torch.stack(torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")).float()
 
-    def known_logits(crop):
+    def known_logits(crop, inputs):
         # The crop holds y * 11 + x values; the window's origin is the top-left value.
         origin = crop[0, 0, 0]
         y1, x1 = origin // width, origin % width
         return {"sem_seg": crop[:1] + 1000 * y1 + x1}
 
     model.predict_window = known_logits
-    out = model.segment(image)["sem_seg"][0]
+    out = model.segment(image, {})["sem_seg"][0]
 
     # The windows of the rule, listed by hand for 9 x 11, crop 4 x 5, stride 3 x 2:
     # rows ceil(5 / 3) + 1 = 3: 0-4, 3-7, 5-9 (6-10 moved back); cols ceil(6 / 2) + 1 = 4: 0-5, 2-7, 4-9, 6-11.
@@ -133,7 +133,7 @@ def test_auxiliary_loss_resizes_the_score_map_and_averages_over_all_pixels():
 
     # The score map the backbone gives for the same (deterministic) batch.
     images = ImageList.from_tensors([(x["image"] - model.pixel_mean) / model.pixel_std for x in batch], 32)
-    _, score_map = model.backbone.forward_with_score_map(images.tensor)
+    _, score_map, *_ = model.backbone.forward_with_score_map(images.tensor)
     assert score_map.shape == (2, K, 2, 2)  # stride 32
     logits = F.interpolate(score_map, size=(64, 64), mode="bilinear", align_corners=False)
     expected = 0.4 * all_pixel_mean_cross_entropy(logits, labels)
@@ -176,7 +176,7 @@ def test_score_map_joins_res5_as_cosine_similarity():
     seen = {}
     model.backbone.neck.register_forward_pre_hook(lambda module, inputs: seen.update(inputs[0]))
     with torch.no_grad():
-        _, score_map = model.backbone.forward_with_score_map(torch.randn(1, 3, 64, 96))
+        _, score_map, *_ = model.backbone.forward_with_score_map(torch.randn(1, 3, 64, 96))
     res5 = seen["res5"]
     assert res5.shape[1] == 8 * 32 + K
     assert torch.allclose(res5[:, -K:], score_map * 0.07, atol=1e-6)
@@ -253,7 +253,7 @@ def test_vit_score_map_joins_the_stride_16_level():
     seen = {}
     model.backbone.neck.register_forward_pre_hook(lambda module, inputs: seen.update(inputs[0]))
     with torch.no_grad():
-        _, score_map = model.backbone.forward_with_score_map(torch.randn(1, 3, 64, 96))
+        _, score_map, *_ = model.backbone.forward_with_score_map(torch.randn(1, 3, 64, 96))
     width = cfg.MODEL.CLIP.VIT.WIDTH
     assert {k: v.shape[1] for k, v in seen.items()} == {"s4": width, "s8": width, "s16": width + K, "s32": width}
     assert score_map.shape == (1, K, 4, 6)
@@ -291,9 +291,7 @@ def test_inference_returns_sem_seg_and_score_maps_on_the_original_image():
     model = build_model(cfg).eval()
     with torch.no_grad():
         plain = model([{"image": torch.rand(3, 64, 96) * 255, "height": 100, "width": 150}])[0]
-        model.return_score_maps = True
-        model.vocabulary = ["cat", "bird"]
-        both = model([{"image": torch.rand(3, 64, 96) * 255, "height": 100, "width": 150}])[0]
+        both = model([{"image": torch.rand(3, 64, 96) * 255, "height": 100, "width": 150, "vocabulary": "cat, bird"}])[0]
     assert set(plain) == {"sem_seg"} and plain["sem_seg"].shape == (K, 100, 150)
     assert both["sem_seg"].shape == (K, 100, 150) and both["score_maps"].shape == (2, 100, 150)
 
@@ -306,6 +304,10 @@ def test_wrong_concat_feature_and_loss_rule_are_clear_errors():
     cfg = tiny_sem_seg_cfg()
     cfg.MODEL.SEM_SEG_HEAD.LOSS_NORMALIZATION = "pixels"
     with pytest.raises(ValueError, match="LOSS_NORMALIZATION must be one of"):
+        build_model(cfg)
+    cfg = tiny_sem_seg_cfg()
+    cfg.MODEL.DENSECLIP.SCORE_MAP_LOSS.TARGET = "box"  # a detector's rule on a segmentor
+    with pytest.raises(ValueError, match=r"TARGET 'box' does not fit .*DenseCLIPSemanticSegmentor.*\('label_map',\)"):
         build_model(cfg)
     cfg = tiny_sem_seg_cfg()
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 4

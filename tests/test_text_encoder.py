@@ -9,7 +9,7 @@ from detectron2.layers import ShapeSpec
 from denseclip.checkpoint import DenseCLIPCheckpointer, as_clip_state_dict, load_clip_weights
 from denseclip.modeling import ContextTextEncoder, build_clip_fpn_backbone, tokenize_class_names
 
-from helpers import clip_resnet, relative_error, text_encoder, tiny_cfg
+from helpers import backbone_cfg, clip_resnet, relative_error, text_encoder, tiny_cfg
 
 NAMES = ["person", "traffic light", "hair drier", "dog"]
 
@@ -53,7 +53,7 @@ def test_text_encoder_equals_openai_clip_through_model_weights(name, file_format
     cfg.MODEL.CLIP.WIDTH, cfg.MODEL.CLIP.EMBED_DIM, cfg.MODEL.CLIP.INPUT_RESOLUTION = 64, OPENAI_TEXT[name], 224
     cfg.MODEL.CLIP.TEXT.WIDTH, cfg.MODEL.CLIP.TEXT.HEADS, cfg.MODEL.CLIP.TEXT.LAYERS = 512, 8, 12
     cfg.MODEL.DENSECLIP.PROMPT_LENGTH, cfg.MODEL.DENSECLIP.NUM_CONTEXT = 77, 0
-    backbone = build_clip_fpn_backbone(cfg, ShapeSpec(channels=3)).eval()
+    backbone = build_clip_fpn_backbone(backbone_cfg(cfg), ShapeSpec(channels=3)).eval()
     DenseCLIPCheckpointer(backbone).load(clip_checkpoints(name)[file_format])
     text_encoder = next(m for m in backbone.modules() if isinstance(m, ContextTextEncoder))
     assert text_encoder.activation == "QuickGELU"

@@ -11,7 +11,7 @@ import torch
 import detectron2.data.transforms as T
 
 from denseclip import get_denseclip_cfg
-from denseclip.data import SemSegDatasetMapper, is_semantic_segmentation
+from denseclip.data import SemSegDatasetMapper
 from denseclip.data.transforms import (
     PhotometricDistortion, PhotometricDistortionTransform, RandomScaleResize, scale_resize_shape,
 )
@@ -239,7 +239,3 @@ def test_mapper_refuses_labels_out_of_range(image_and_labels, tmp_path):
     with pytest.raises(ValueError, match="3 channels; a label map is a single-channel"):
         SemSegDatasetMapper(_mapper_cfg(), is_train=True)(record)
 
-
-def test_mapper_is_chosen_by_meta_architecture():
-    assert is_semantic_segmentation(_mapper_cfg())
-    assert not is_semantic_segmentation(_mapper_cfg(**{"MODEL.META_ARCHITECTURE": "GeneralizedRCNN"}))

@@ -25,7 +25,7 @@ def test_image_larger_than_the_positional_grid():
     pool = model.backbone.bottom_up.attnpool
     with torch.no_grad():
         (output,) = model([{"image": image, "height": 1440, "width": 1600}])
-        _, score_map = model.backbone.forward_with_score_map(images)
+        _, score_map, *_ = model.backbone.forward_with_score_map(images)
         res5 = model.backbone.bottom_up(images)["res5"]
         positions = torch.cat([pool.positional_embedding[:1], bilinear_grid(pool.positional_embedding, 42, 45, 50)])
         expected = model.backbone.score_map(*direct_attention_pool(pool, res5, positions))

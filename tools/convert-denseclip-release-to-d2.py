@@ -24,7 +24,6 @@ from detectron2.modeling import build_model
 
 from denseclip import get_denseclip_cfg
 from denseclip.checkpoint import convert_release_state_dict, infer_release_layout, read_release_checkpoint
-from denseclip.data import resolve_class_names
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: The release's meta entries kept in the converted file.
@@ -50,7 +49,7 @@ def main(argv=None) -> int:
     cfg = get_denseclip_cfg(config_file, list(args.opts) + ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
     model = build_model(cfg)
     try:
-        converted, report = convert_release_state_dict(state, meta, model, cfg, resolve_class_names(cfg))
+        converted, report = convert_release_state_dict(state, meta, model, cfg)
     except ValueError as e:
         raise ValueError(f"{args.input}: {e}") from None
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..data.class_names import resolve_class_names
 from ..modeling import DenseCLIPModel, task_of
 from .clip_weights import read_checkpoint_file
 
@@ -233,6 +234,14 @@ def model_layout(model: nn.Module, cfg, num_classes: int) -> ReleaseLayout:
     return ReleaseLayout(detector, guided, tuple(cfg.MODEL.CLIP.LAYERS), num_classes)
 
 
+def model_class_names(model: nn.Module, cfg) -> List[str]:
+    """The classes of the model ``cfg`` built, in order: its prompts' names (DenseCLIP), or else its
+    dataset's (the metadata field of its task)."""
+    if isinstance(model, DenseCLIPModel):
+        return model.class_names
+    return resolve_class_names(cfg, task_of(model).metadata_classes)
+
+
 def _config_hint(layout: ReleaseLayout) -> str:
     try:
         return layout.config_file()
@@ -262,17 +271,19 @@ class ConversionReport:
 
 
 def convert_release_state_dict(
-    state: Dict[str, torch.Tensor], meta: dict, model: nn.Module, cfg, class_names: List[str]
+    state: Dict[str, torch.Tensor], meta: dict, model: nn.Module, cfg, class_names: Optional[List[str]] = None
 ) -> Tuple[Dict[str, torch.Tensor], ConversionReport]:
     """
-    The release ``state`` renamed (and reordered) onto ``model`` (built from ``cfg``); every model
-    tensor gets a value of its shape, every release tensor is used.
+    The release ``state`` renamed (and reordered) onto ``model`` (built from ``cfg``, whose classes are
+    ``class_names``, by default :func:`model_class_names`); every model tensor gets a value of its shape,
+    every release tensor is used.
 
     Raises:
         ValueError naming what does not fit: the layout, the class list, unknown or missing tensors,
         shapes.
     """
     layout = infer_release_layout(state)
+    class_names = model_class_names(model, cfg) if class_names is None else class_names
     built = model_layout(model, cfg, len(class_names))
     same_encoder = layout.vit == built.vit and (layout.vit or layout.layers == built.layers)
     if (layout.detector, layout.language_guided) != (built.detector, built.language_guided) or not same_encoder:
