@@ -5,7 +5,7 @@ Train and evaluate DenseCLIP (and its CLIP baselines) with Detectron2.
     python train_net.py --config-file configs/COCO-Detection/retinanet_denseclip_R_50_FPN_1x.yaml --num-gpus 8
     python train_net.py --config-file <config> --eval-only MODEL.WEIGHTS output/model_final.pth
 """
-import denseclip  # noqa: F401  (before Detectron2: it silences warnings expected when Detectron2 is imported)
+import denseclip  # noqa: F401  (first, so that its warning filters also cover the notices Detectron2 raises on import)
 
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm

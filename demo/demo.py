@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import tqdm
 
-import denseclip  # noqa: F401  (before Detectron2: it silences warnings expected when Detectron2 is imported)
+import denseclip  # noqa: F401  (first, so that its warning filters also cover the notices Detectron2 raises on import)
 
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger

@@ -43,3 +43,25 @@ def test_expected_warnings_are_silenced_and_others_are_not(tmp_path):
     after = run("import denseclip\n" + TRIGGERS, tmp_path)
     assert not [message for message in MESSAGES if message in after], after
     assert "a warning of this project" in after
+
+
+def test_importing_detectron2_first_works(tmp_path):
+    """A user's script may import Detectron2 before denseclip: the models build and run, and the warnings
+    raised while they run are silenced as well. (Only the notices Detectron2 raises while it is imported
+    come before the filters exist; the repository's scripts import denseclip first for that reason alone.)"""
+    code = """
+import torch
+import detectron2.engine, detectron2.modeling  # first
+import denseclip
+from denseclip import get_denseclip_cfg
+from detectron2.modeling import build_model
+cfg = get_denseclip_cfg("configs/Shapes-Detection/retinanet_denseclip_tiny_FPN.yaml", ["MODEL.DENSECLIP.RETURN_SCORE_MAPS", "True"])
+model = build_model(cfg).eval()
+with torch.no_grad():
+    (out,) = model([{"image": torch.rand(3, 64, 64) * 255, "vocabulary": "moon, sun"}])
+print("score maps", tuple(out["score_maps"].shape))
+"""
+    stderr = run(code, tmp_path)
+    assert "torch.meshgrid: in an upcoming release" not in stderr  # raised by the anchors, while running
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert "score maps (2, 64, 64)" in result.stdout

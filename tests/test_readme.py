@@ -31,7 +31,7 @@ def test_readme_python_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
     model = build_model(get_denseclip_cfg(os.path.join(REPO, config), ["MODEL.DEVICE", "cpu"]))
     os.makedirs(tmp_path / "output" / "quickstart")
     DetectionCheckpointer(model, save_dir=str(tmp_path / "output" / "quickstart")).save("model_final")
-    generate_shapes_dataset(str(tmp_path / "datasets" / "shapes"), num_train=0, num_val=1)
+    generate_shapes_dataset(str(tmp_path / "datasets" / "shapes"), num_train=0, num_val=2)
     code = readme_python_block("Inference in Python")
     assert config in code and "model_final.pth" in code
     monkeypatch.chdir(tmp_path)
@@ -41,6 +41,9 @@ def test_readme_python_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
     assert predictor.score_map_names == ["circle", "red ring", "moon"]  # the snippet's vocabulary
     assert outputs["score_maps"].shape == (3, 128, 128)  # one map per name, on the 128 x 128 image
     assert outputs["instances"].image_size == (128, 128)
+    other = scope["other"]  # a call with its own vocabulary, after which the predictor's own is unchanged
+    assert other["score_map_names"] == ["star", "sun"] and other["score_maps"].shape == (2, 128, 128)
+    assert predictor.score_map_names == ["circle", "red ring", "moon"]
     # the weights are the file's, not a fresh initialisation
     loaded = predictor.model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())

@@ -19,7 +19,7 @@ from itertools import islice
 
 import torch
 
-import denseclip  # noqa: F401  (before Detectron2: it silences warnings expected when Detectron2 is imported)
+import denseclip  # noqa: F401  (first, so that its warning filters also cover the notices Detectron2 raises on import)
 
 from detectron2.data import build_detection_test_loader
 from detectron2.modeling import GeneralizedRCNN, build_model

@@ -29,6 +29,8 @@ import time
 
 import torch
 
+import denseclip  # noqa: F401  (first, so that its warning filters also cover the notices Detectron2 raises on import)
+
 from detectron2.utils.events import EventStorage
 
 from denseclip.utils.benchmark import (

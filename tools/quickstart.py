@@ -17,7 +17,7 @@ import time
 import cv2
 import torch
 
-import denseclip  # noqa: F401  (before Detectron2: it silences warnings expected when Detectron2 is imported)
+import denseclip  # noqa: F401  (first, so that its warning filters also cover the notices Detectron2 raises on import)
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model

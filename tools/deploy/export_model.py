@@ -20,6 +20,8 @@ import time
 import numpy as np
 import torch
 
+import denseclip  # noqa: F401  (first, so that its warning filters also cover the notices Detectron2 raises on import)
+
 from detectron2.data import detection_utils
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.modeling import build_model

@@ -1,6 +1,8 @@
 """Warnings that PyTorch gives about Detectron2's code on every run although nothing is wrong, silenced
-one by one by their message, so that what a run prints is worth reading. The package imports this module first, which installs
-the filters before Detectron2 is imported."""
+one by one by their message, so that what a run prints is worth reading. The package installs the filters
+when it is imported (first thing, before it imports Detectron2), in whatever order a script imports the
+two: warnings raised while models run are silenced either way; the notices Detectron2 raises while it is
+imported are silenced when denseclip comes first."""
 import logging
 import warnings
 
