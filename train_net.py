@@ -17,12 +17,13 @@ from denseclip.engine import DenseCLIPTrainer
 
 def setup(args):
     cfg = get_denseclip_cfg(args.config_file, args.opts)
-    register_datasets_from_config(cfg)  # DATASETS.COCO_FORMAT.*, DATASETS.SEM_SEG_FOLDERS.*: own data without code
-    cfg.freeze()
     try:
+        # DATASETS.COCO_FORMAT.*, DATASETS.SEM_SEG_FOLDERS.*: own data without code; ADE20K checked as prepared
+        register_datasets_from_config(cfg)
         check_device(cfg)
-    except ValueError as e:
-        raise SystemExit(str(e))  # the message alone, no traceback: it says what to add
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(str(e))  # the message alone, no traceback: it says what to do
+    cfg.freeze()
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="denseclip")
     return cfg
