@@ -306,7 +306,7 @@ def build_app(store: ModelStore, examples: Sequence[str] = (), concurrency: int 
                                  height=300)
                 if examples:
                     gr.Examples(examples=[[path] for path in examples], inputs=[image], label="Generated val images",
-                                examples_per_page=len(examples))
+                                examples_per_page=len(examples), elem_id="examples")
                 vocabulary = gr.Textbox(default_vocabulary, label="Vocabulary (comma-separated names)",
                                         placeholder="circle, ring, moon", elem_id="vocabulary")
                 with gr.Row():

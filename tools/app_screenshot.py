@@ -127,8 +127,10 @@ class AppPage:
 
     def table(self) -> List[List[str]]:
         """The table's rows (header first) as the page shows them."""
-        rows = self.driver.find_elements(By.CSS_SELECTOR, "#table table tr")
-        return [[cell.text.strip() for cell in row.find_elements(By.CSS_SELECTOR, "th, td")] for row in rows]
+        header = [cell.text.strip() for cell in self.driver.find_elements(By.CSS_SELECTOR, "#table [role=columnheader]")]
+        rows = self.driver.find_elements(By.CSS_SELECTOR, "#table [role=row]:not(:has([role=columnheader]))")
+        return [header] + [[cell.text.strip() for cell in row.find_elements(By.CSS_SELECTOR, "[role=gridcell]")]
+                           for row in rows]
 
     def screenshot(self, path: str, width: int = 1400) -> None:
         """The whole page (the window grown to its height) as a PNG."""
