@@ -21,7 +21,7 @@ import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from typing import Callable, Dict, List, Optional, Sequence, Tuple  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -73,7 +73,7 @@ def quickstart_models(root: str = REPO) -> Tuple[List[ModelChoice], List[str]]:
         if os.path.isfile(os.path.join(root, weights)):
             found.append(ModelChoice(name, os.path.join(root, config), os.path.join(root, weights)))
         else:
-            missing.append(f"{name}: no {weights} yet; `{command}` trains it (on the CPU, about 8-9 minutes)")
+            missing.append(f"{name}: no {weights} yet; {command} trains it (on the CPU, about 8-9 minutes)")
     return found, missing
 
 
@@ -210,7 +210,7 @@ classes it was trained on; the score maps take any words.
 **With the quick-start models, words beyond their trained classes (`circle`, `square`, `triangle`,
 `star`, `ring`, and `background` for the segmentor) mean little**: they were trained from random
 weights, with a random, frozen text encoder, so a new word gets an embedding unrelated to its meaning.
-With a converted released model (CLIP's weights) any words are meaningful.
+With a converted released model (trained from CLIP's weights) the maps of words CLIP knows are meaningful.
 """
 
 
@@ -242,7 +242,7 @@ def run_request(store: ModelStore, model_name: str, image_payload, vocabulary: s
     progress = progress or (lambda fraction, text: None)
     try:
         if not model_name:
-            raise ValueError("No model to run: " + no_model_help(store))
+            raise ValueError(no_model_help())
         path, name = _upload(image_payload)
         if path is None:
             raise ValueError("No image: upload one or pick one of the generated val images")
@@ -269,9 +269,11 @@ def model_classes(store: ModelStore, model_name: str) -> Tuple[str, str]:
     return ", ".join(model.class_names), _status(f"{model_name}: a {kind}; its classes are in the vocabulary box.")
 
 
-def no_model_help(store: ModelStore, missing: Sequence[str] = ()) -> str:
-    lines = list(missing) or [line for line in quickstart_models()[1]]
-    return ("no model is loaded. " + "; ".join(lines) +
+def no_model_help(missing: Sequence[str] = ()) -> str:
+    """What to do when the page has no model: how to make the quick-start models (``missing``, or those
+    missing now), or name others."""
+    lines = list(missing) or quickstart_models()[1]
+    return ("No model to run. " + "; ".join(lines) +
             ". Or start the app with --model CONFIG WEIGHTS (trained weights of that config).")
 
 
@@ -293,7 +295,7 @@ def build_app(store: ModelStore, examples: Sequence[str] = (), concurrency: int 
     if default is not None:
         default_vocabulary, start_status = model_classes(store, default)
     else:
-        start_status = _status(no_model_help(store, missing), error=True)
+        start_status = _status(no_model_help(missing), error=True)
     if missing and default is not None:
         start_status += _status("Not available: " + "; ".join(missing))
 
@@ -377,7 +379,7 @@ def main(argv=None):
     for line in missing:
         print(f"[app] {line}")
     if not choices:
-        print("[app] " + no_model_help(store, missing))
+        print("[app] " + no_model_help(missing))
     examples = example_images(args.examples)
     app = build_app(store, examples, args.concurrency, missing)
     launch(app, args.host, args.port, examples_folder=args.examples if examples else None)

@@ -8,7 +8,6 @@ import threading
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from denseclip.modeling import parse_vocabulary
 
@@ -185,7 +184,7 @@ def test_bad_input_gets_the_command_lines_message(app, store, demo, checkpoints,
 def test_missing_quickstart_models_say_how_to_make_them(app, tmp_path):
     found, missing = app.quickstart_models(str(tmp_path))
     assert found == [] and len(missing) == 2
-    assert "`make quickstart`" in missing[0] and "`make quickstart-semseg`" in missing[1]
+    assert "make quickstart trains it" in missing[0] and "make quickstart-semseg trains it" in missing[1]
     store = app.ModelStore([])
     status = app.run_request(store, None, None, "circle", 0.5)[0]
     assert "No model to run" in status and "make quickstart" in status and "--model CONFIG WEIGHTS" in status

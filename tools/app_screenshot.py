@@ -106,7 +106,8 @@ class AppPage:
 
     def status(self) -> Tuple[str, bool]:
         """(the status line's text, whether it is an error)."""
-        element = self.driver.find_element(By.CSS_SELECTOR, "#status [data-request]")
+        element = wait_until(lambda: self.driver.find_elements(By.CSS_SELECTOR, "#status [data-request]"), self.timeout,
+                             "the status line")[0]
         return element.text, "status-error" in element.get_attribute("class")
 
     def image(self, elem_id: str) -> Optional[dict]:
