@@ -105,7 +105,7 @@ class DenseCLIPCheckpointer(DetectionCheckpointer):
         logger.info(report.summary(path))
         return None
 
-    def check_complete(self, config_file: str = "") -> None:
+    def check_complete(self, config: str = "") -> None:
         """
         Refuse what the last :meth:`load` left of the model untrained: parameters and buffers that the
         Detectron2-format checkpoint lacks or has in another shape (weights trained with another config;
@@ -113,7 +113,7 @@ class DenseCLIPCheckpointer(DetectionCheckpointer):
         filled from MODEL.DENSECLIP.TEXT_WEIGHTS; a CLIP checkpoint (where training starts) is not checked.
 
         Raises:
-            ValueError naming the weights, ``config_file``, what is missing and the fix.
+            ValueError naming the weights, the config (``config``: how to call it), what is missing and the fix.
         """
         if self.incompatible is None:
             return
@@ -136,7 +136,7 @@ class DenseCLIPCheckpointer(DetectionCheckpointer):
         if reshaped:
             problems.append(f"{len(reshaped)} {'has' if len(reshaped) == 1 else 'have'} another shape ({modules(reshaped)})")
         raise ValueError(
-            f"MODEL.WEIGHTS {self._path} does not fit {config_file or 'the config'}: {' and '.join(problems)}. "
+            f"MODEL.WEIGHTS {self._path} does not fit {config or 'the config'}: {' and '.join(problems)}. "
             f"They were trained with another config: give the config they were trained with (the config.yaml "
             f"that training wrote beside them)."
         )
