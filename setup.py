@@ -25,6 +25,10 @@ setup(
         # tools/deploy/export_model.py --format onnx, and running model.onnx
         "export": ["onnx>=1.16", "onnxruntime>=1.18"],
         "dev": ["pytest", "pytest-timeout", "onnx>=1.16", "onnxruntime>=1.18"],
+        # demo/app.py, the browser demo (make demo-app)
+        "demo": ["gradio==6.31.0"],
+        # tests/test_app_browser.py and tools/app_screenshot.py drive the page in Chromium (make test-browser)
+        "browser-test": ["selenium==4.51.0"],
     },
     entry_points={"console_scripts": ["denseclip-shapes=denseclip.data.datasets.shapes:main"]},
 )

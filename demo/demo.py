@@ -21,11 +21,10 @@ import tqdm
 
 import denseclip  # noqa: F401  (first, so that its warning filters also cover the notices Detectron2 raises on import)
 
-from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from predictor import VisualizationDemo  # noqa: E402
+from predictor import VisualizationDemo, read_image_bgr  # noqa: E402
 
 from denseclip import get_denseclip_cfg, register_datasets_from_config  # noqa: E402
 from denseclip.modeling import parse_vocabulary  # noqa: E402
@@ -92,10 +91,7 @@ def describe(predictions: dict, demo) -> str:
 
 def run_on_images(demo, paths, output):
     for path in tqdm.tqdm(paths, disable=not output):
-        try:
-            image = read_image(path, format="BGR")
-        except Exception as e:
-            raise ValueError(f"Cannot read {path} as an image: {e}") from e
+        image = read_image_bgr(path)
         start = time.perf_counter()
         predictions, overlay, panel = demo.run_on_image(image)
         print(f"{path}: {describe(predictions, demo)} in {time.perf_counter() - start:.2f}s")

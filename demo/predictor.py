@@ -5,9 +5,20 @@ import cv2
 import numpy as np
 
 from detectron2.data import MetadataCatalog
+from detectron2.data.detection_utils import read_image
 
 from denseclip.engine import DenseCLIPPredictor
 from denseclip.utils.visualization import render_prediction
+
+
+def read_image_bgr(path: str, name: Optional[str] = None) -> np.ndarray:
+    """The image at ``path`` as BGR (EXIF orientation applied); an unreadable file is a ValueError naming
+    it (``name``, e.g. an upload's own file name, else ``path``)."""
+    try:
+        return read_image(path, format="BGR")
+    except Exception as e:
+        reason = str(e).replace(path, name) if name else str(e)
+        raise ValueError(f"Cannot read {name or path} as an image: {reason}") from e
 
 
 class VisualizationDemo:
@@ -18,8 +29,9 @@ class VisualizationDemo:
         score_maps: bool = False,
         vocabulary: Optional[Sequence[str]] = None,
     ):
-        """Score maps (of the detector's classes, or of ``vocabulary``) need a DenseCLIP model."""
-        self.predictor = DenseCLIPPredictor(cfg, score_maps=score_maps, vocabulary=vocabulary)
+        """Score maps (of the detector's classes, or of ``vocabulary``) need a DenseCLIP model. Weights
+        trained with another config are refused."""
+        self.predictor = DenseCLIPPredictor(cfg, score_maps=score_maps, vocabulary=vocabulary, complete_weights=True)
         self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused")
         self.confidence_threshold = confidence_threshold
         self.score_map_names = self.predictor.score_map_names if score_maps or vocabulary else None

@@ -5,6 +5,8 @@
 # checks the stamp. Environment variables:
 #   VENV        where the environment lives (default: .venv at the repository root)
 #   PYTHON      the interpreter that creates it (default: python3)
+#   EXTRAS      setup.py extras to add, comma-separated (make demo-app: demo; make test-browser:
+#               demo,browser-test), each recorded in its own stamp; none by default
 # A Detectron2 already importable in $VENV (for example one built from source) is kept.
 set -euo pipefail
 
@@ -23,10 +25,23 @@ fvcore>=0.1.5,<0.1.6 iopath>=0.1.7,<0.1.10 omegaconf>=2.1,<2.4 hydra-core packag
 stamp_inputs() {
   cat "$ROOT/scripts/setup_env.sh" "$ROOT/scripts/extract_detectron2.py" "$ROOT/setup.py"
 }
+install_extras() {
+  local extra stamp want
+  for extra in ${EXTRAS//,/ }; do
+    stamp="$VENV/.denseclip-extra-$extra"
+    want="$( (cat "$ROOT/setup.py"; echo "$extra") | sha256sum | cut -d' ' -f1)"
+    [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && continue
+    echo "[setup] installing the $extra extra"
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e "$ROOT[$extra]"
+    echo "$want" > "$stamp"
+  done
+}
+EXTRAS="${EXTRAS:-}"
 STAMP="$VENV/.denseclip-setup"
 WANT="$(stamp_inputs | sha256sum | cut -d' ' -f1)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
   echo "[setup] $VENV is up to date"
+  install_extras
   exit 0
 fi
 
@@ -61,4 +76,5 @@ echo "[setup] installing the denseclip package (editable) and its requirements"
 "${PIP[@]}" -e "$ROOT[dev]"
 
 echo "$WANT" > "$STAMP"
+install_extras
 echo "[setup] done: $VENV"

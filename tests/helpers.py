@@ -178,6 +178,28 @@ TINY_SHAPES_CONFIGS = {
 }
 
 
+SHAPES_SEMSEG_CONFIG = "configs/Shapes-SemanticSegmentation/semantic_fpn_denseclip_tiny.yaml"
+
+
+def save_shapes_checkpoint(config: str, path: str, confident_class=None, seed: int = 0) -> str:
+    """A quick-start config's model with random weights, saved as a trained checkpoint at ``path``. With
+    ``confident_class`` (a detector's class index) the box classifier scores every proposal as that
+    class, so the detector returns confident boxes (drawn at any threshold)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from denseclip import get_denseclip_cfg
+
+    torch.manual_seed(seed)
+    model = build_model(get_denseclip_cfg(os.path.join(REPO, config), ["MODEL.DEVICE", "cpu"]))
+    if confident_class is not None:
+        with torch.no_grad():
+            model.roi_heads.box_predictor.cls_score.bias[confident_class] += 20
+    folder, name = os.path.split(path)
+    DetectionCheckpointer(model, save_dir=folder).save(os.path.splitext(name)[0])
+    return path
+
+
 def run_script(args, cwd=None, env=None, timeout=600):
     """Run a repository script with this interpreter; returns the CompletedProcess (stdout+stderr)."""
     full_env = dict(os.environ, **(env or {}))

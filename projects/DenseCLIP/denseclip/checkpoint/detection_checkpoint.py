@@ -41,6 +41,7 @@ class DenseCLIPCheckpointer(DetectionCheckpointer):
         self.text_weights = text_weights
         self._text_encoder_loaded = False
         self._path = ""
+        self.incompatible = None  # what the last load of a Detectron2-format checkpoint left out
 
     def load(self, path, *args, **kwargs):
         self._path = path
@@ -51,6 +52,7 @@ class DenseCLIPCheckpointer(DetectionCheckpointer):
                     f"weights. {CLIP_WEIGHTS_HELP}"
                 )
         self._text_encoder_loaded = False
+        self.incompatible = None
         loaded = super().load(path, *args, **kwargs)
         if self.text_weights and find_modules(self.model, ContextTextEncoder) and not self._text_encoder_loaded:
             self._load_text_weights()
@@ -95,12 +97,49 @@ class DenseCLIPCheckpointer(DetectionCheckpointer):
             )
             incompatible = super()._load_model(checkpoint)
             self._check_prompt_fits(incompatible.incorrect_shapes)
+            self.incompatible = incompatible
             return incompatible
         path = checkpoint.pop("__path__", "")
         report = load_clip_weights(self.model, checkpoint.pop("model"), path)
         self._text_encoder_loaded = report.text_encoder_tensors > 0
         logger.info(report.summary(path))
         return None
+
+    def check_complete(self, config: str = "") -> None:
+        """
+        Refuse what the last :meth:`load` left of the model untrained: parameters and buffers that the
+        Detectron2-format checkpoint lacks or has in another shape (weights trained with another config;
+        Detectron2 only warns and leaves them random). The text encoder counts as loaded when it was
+        filled from MODEL.DENSECLIP.TEXT_WEIGHTS; a CLIP checkpoint (where training starts) is not checked.
+
+        Raises:
+            ValueError naming the weights, the config (``config``: how to call it), what is missing and the fix.
+        """
+        if self.incompatible is None:
+            return
+        filled_text = bool(self.text_weights) and not self._text_encoder_loaded
+        reshaped = {key for key, *_ in self.incompatible.incorrect_shapes}
+        missing = [
+            key for key in self.incompatible.missing_keys
+            if key not in reshaped and not (filled_text and ".text_encoder." in f".{key}")
+        ]
+        if not missing and not reshaped:
+            return
+
+        def modules(keys):
+            names = sorted({".".join(key.split(".")[:2]) for key in keys})
+            return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} of the model's tensors are not in it ({modules(missing)})")
+        if reshaped:
+            problems.append(f"{len(reshaped)} {'has' if len(reshaped) == 1 else 'have'} another shape ({modules(reshaped)})")
+        raise ValueError(
+            f"MODEL.WEIGHTS {self._path} does not fit {config or 'the config'}: {' and '.join(problems)}. "
+            f"They were trained with another config: give the config they were trained with (the config.yaml "
+            f"that training wrote beside them)."
+        )
 
     def _check_prompt_fits(self, incorrect_shapes) -> None:
         """Detectron2 skips tensors whose shape differs from the model's, with a warning. For a trained

@@ -32,7 +32,10 @@ class DenseCLIPPredictor(DefaultPredictor):
     also holds "score_map_names", the K names in order.
     """
 
-    def __init__(self, cfg, score_maps: bool = False, vocabulary: Names = None):
+    def __init__(self, cfg, score_maps: bool = False, vocabulary: Names = None, complete_weights: bool = False):
+        """With ``complete_weights``, weights that leave part of the model unloaded (trained with another
+        config) are refused (ValueError) instead of Detectron2's warning; see
+        :meth:`DenseCLIPCheckpointer.check_complete`."""
         check_device(cfg)
         self.cfg = cfg.clone()
         if score_maps or vocabulary is not None:
@@ -41,7 +44,10 @@ class DenseCLIPPredictor(DefaultPredictor):
         self.model = build_model(self.cfg).eval()
         if len(cfg.DATASETS.TEST):
             self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
-        DenseCLIPCheckpointer(self.model, text_weights=cfg.MODEL.DENSECLIP.TEXT_WEIGHTS).load(cfg.MODEL.WEIGHTS)
+        checkpointer = DenseCLIPCheckpointer(self.model, text_weights=cfg.MODEL.DENSECLIP.TEXT_WEIGHTS)
+        checkpointer.load(cfg.MODEL.WEIGHTS)
+        if complete_weights:
+            checkpointer.check_complete(f"the config ({cfg.MODEL.META_ARCHITECTURE})")
         self.aug = build_test_resize(cfg)  # Detectron2's test resize, interpolated as INPUT.RESIZE_BACKEND says
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in ("RGB", "BGR"):

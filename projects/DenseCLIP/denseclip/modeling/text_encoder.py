@@ -41,7 +41,7 @@ def parse_vocabulary(names: Union[str, Sequence[str]]) -> List[str]:
         ValueError for an empty vocabulary or an empty name; TypeError for a name that is not a string.
     """
     if isinstance(names, str):
-        names = names.split(",")
+        names = names.split(",") if names.strip() else []  # a blank string names nothing: empty, not one empty name
     names = list(names)
     not_strings = [name for name in names if not isinstance(name, str)]
     if not_strings:

@@ -9,7 +9,10 @@ import torch
 from detectron2.utils.colormap import colormap
 from detectron2.utils.visualizer import _OFF_WHITE, ColorMode, Visualizer
 
-__all__ = ["colour_bar", "draw_instances", "draw_sem_seg", "grid_columns", "render_prediction", "score_map_panel"]
+__all__ = [
+    "colour_bar", "draw_instances", "draw_sem_seg", "enlarge", "grid_columns", "heatmap", "render_prediction",
+    "score_map_panel",
+]
 
 
 def draw_instances(
@@ -120,6 +123,23 @@ def draw_sem_seg(image_rgb: np.ndarray, labels: np.ndarray, metadata, min_side: 
     return np.concatenate([drawn, _legend(names, colours, drawn.shape[1])], axis=0)
 
 
+def enlarge(image_rgb: np.ndarray, min_side: int) -> np.ndarray:
+    """The image resized (bilinear) so that its shorter side is at least ``min_side``; unchanged if it is."""
+    height, width = image_rgb.shape[:2]
+    scale = max(1.0, min_side / min(height, width))
+    size = (int(round(width * scale)), int(round(height * scale)))
+    return cv2.resize(image_rgb, size, interpolation=cv2.INTER_LINEAR) if scale > 1 else image_rgb.copy()
+
+
+def heatmap(base_rgb: np.ndarray, probability: np.ndarray) -> np.ndarray:
+    """One score map's probabilities (H' x W' in [0, 1], any size) in JET colours over ``base_rgb``
+    (resized to it): the tiles of :func:`score_map_panel`."""
+    size = (base_rgb.shape[1], base_rgb.shape[0])
+    heat = cv2.resize((np.asarray(probability) * 255).round().astype(np.uint8), size, interpolation=cv2.INTER_LINEAR)
+    heat = cv2.cvtColor(cv2.applyColorMap(heat, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    return cv2.addWeighted(base_rgb, 0.4, heat, 0.6, 0)
+
+
 def score_map_panel(
     image_rgb: np.ndarray,
     probabilities: torch.Tensor,
@@ -145,15 +165,11 @@ def score_map_panel(
     """
     if len(class_names) != len(probabilities):
         raise ValueError(f"{len(probabilities)} score maps but {len(class_names)} names")
-    height, width = image_rgb.shape[:2]
-    scale = max(1.0, min_tile / min(height, width))
-    size = (int(round(width * scale)), int(round(height * scale)))
-    base = cv2.resize(image_rgb, size, interpolation=cv2.INTER_LINEAR)
+    base = enlarge(image_rgb, min_tile)
+    size = (base.shape[1], base.shape[0])
     tiles = [("image", "", base)]
     for name, probability in zip(class_names, probabilities.numpy()):
-        heat = cv2.resize((probability * 255).round().astype(np.uint8), size, interpolation=cv2.INTER_LINEAR)
-        heat = cv2.cvtColor(cv2.applyColorMap(heat, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-        tiles.append((name, f" (max {probability.max():.2f})", cv2.addWeighted(base, 0.4, heat, 0.6, 0)))
+        tiles.append((name, f" (max {probability.max():.2f})", heatmap(base, probability)))
     caption = max(18, size[0] // 10)
     num_columns = grid_columns(len(tiles), columns)
     num_rows = -(-len(tiles) // num_columns)
