@@ -48,7 +48,7 @@ def parse_vocabulary(names: Union[str, Sequence[str]]) -> List[str]:
         raise TypeError(f"Vocabulary names must be strings, got {not_strings!r}")
     stripped = [name.strip() for name in names]
     if not stripped:
-        raise ValueError("The vocabulary is empty: give at least one name (or none at all for the model's classes)")
+        raise ValueError("The vocabulary is empty: give at least one name (a model's own classes need no vocabulary)")
     empty = [str(position) for position, name in enumerate(stripped, 1) if not name]
     if empty:
         raise ValueError(
