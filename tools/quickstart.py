@@ -22,6 +22,7 @@ import denseclip  # noqa: F401  (first, so that its warning filters also cover t
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from denseclip import get_denseclip_cfg, register_datasets_from_config
@@ -119,6 +120,8 @@ def main(args) -> dict:
         f"weights, trained on CPU on the generated shapes dataset. Config: {args.config_file}\n"
     )
     start = time.perf_counter()
+    # SEED seeds the model's initialisation and the data order (as train_net.py's default_setup does).
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
     for dataset in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
         if MetadataCatalog.get(dataset).get("shapes_root"):  # generated on first use
             ensure_shapes_dataset(dataset)
