@@ -28,7 +28,7 @@ test: setup
 demo-app:
 	@VENV="$(VENV)" EXTRAS=demo bash scripts/setup_env.sh
 	@if [ ! -f output/quickstart/model_final.pth ]; then \
-	  echo "[demo-app] no output/quickstart/model_final.pth yet: training the quick-start model first (make quickstart, about 8 minutes)"; \
+	  echo "[demo-app] no output/quickstart/model_final.pth yet: training the quick-start model first (make quickstart, about 6 minutes)"; \
 	  $(PYTHON) tools/quickstart.py; \
 	fi
 	GRADIO_ANALYTICS_ENABLED=False $(PYTHON) demo/app.py --device cpu $(APP_ARGS)

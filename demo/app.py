@@ -73,7 +73,7 @@ def quickstart_models(root: str = REPO) -> Tuple[List[ModelChoice], List[str]]:
         if os.path.isfile(os.path.join(root, weights)):
             found.append(ModelChoice(name, os.path.join(root, config), os.path.join(root, weights)))
         else:
-            missing.append(f"{name}: no {weights} yet; {command} trains it (on the CPU, about 8-9 minutes)")
+            missing.append(f"{name}: no {weights} yet; {command} trains it (on the CPU, about 6 minutes)")
     return found, missing
 
 
