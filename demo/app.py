@@ -37,7 +37,9 @@ from denseclip import get_denseclip_cfg, register_datasets_from_config  # noqa: 
 from denseclip.data.datasets.shapes import default_root  # noqa: E402
 from denseclip.engine import DenseCLIPPredictor  # noqa: E402
 from denseclip.modeling import parse_vocabulary, task_of  # noqa: E402
-from denseclip.utils.visualization import colour_bar, draw_sem_seg, enlarge, heatmap, render_prediction  # noqa: E402
+from denseclip.utils.visualization import (  # noqa: E402
+    colour_bar, draw_sem_seg, enlarge, heatmap, render_prediction, score_map_probabilities,
+)
 
 logger = logging.getLogger("denseclip.app")
 
@@ -162,14 +164,11 @@ def analyze(model: LoadedModel, image_bgr: np.ndarray, vocabulary: str, threshol
     seconds = time.perf_counter() - start
     progress(0.7, "Drawing")
     overlay, _ = render_prediction(image_bgr, predictions, model.metadata, None, threshold)
-    score_maps = predictions["score_maps"].float().cpu()
     names = list(predictions["score_map_names"])
-    if model.semantic:  # as the quick start draws them: the segmentor's auxiliary loss is a softmax over names
-        probabilities, title = score_maps.softmax(dim=0).numpy(), "softmax(score)"
-    else:  # a detector's scores each name on its own
-        probabilities, title = score_maps.sigmoid().numpy(), "sigmoid(score)"
+    probabilities, title = score_map_probabilities(predictions)  # as the quick start draws them
+    probabilities = probabilities.numpy()
+    labels = predictions["score_maps"].argmax(dim=0).cpu().numpy()
     image_rgb = np.ascontiguousarray(image_bgr[:, :, ::-1])
-    labels = score_maps.argmax(dim=0).numpy()
     word_label_map = draw_sem_seg(image_rgb, labels, Metadata(name="__words", stuff_classes=names))
     base = enlarge(image_rgb, HEATMAP_SIDE)
     heatmaps = [(heatmap(base, probability), name) for name, probability in zip(names, probabilities)]

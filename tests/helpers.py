@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import math
 
@@ -508,3 +509,12 @@ def bilinear_grid(positional_embedding, side, height, width):
     grid = positional_embedding[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
     return grid[0].permute(1, 2, 0).reshape(height * width, -1)
+
+
+def run_in_threads(function, arguments) -> None:
+    """Call ``function(argument)`` for each argument, each in its own thread, all at once; wait for all."""
+    threads = [threading.Thread(target=function, args=(argument,)) for argument in arguments]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()

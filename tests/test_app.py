@@ -11,7 +11,7 @@ import pytest
 
 from denseclip.modeling import parse_vocabulary
 
-from helpers import SHAPES_SEMSEG_CONFIG, TINY_SHAPES_CONFIGS, load_script, save_shapes_checkpoint
+from helpers import SHAPES_SEMSEG_CONFIG, TINY_SHAPES_CONFIGS, load_script, run_in_threads, save_shapes_checkpoint
 
 DETECTOR_CONFIG = TINY_SHAPES_CONFIGS["mask_rcnn"]
 CLASSES = ["circle", "square", "triangle", "star", "ring"]
@@ -209,11 +209,7 @@ def test_a_model_is_built_once_for_all_requests(app, checkpoints, monkeypatch):
     config, weights = checkpoints["detector"]
     store = app.ModelStore([app.ModelChoice("m", os.path.join(REPO, config), weights)])
     models = [None] * 4
-    threads = [threading.Thread(target=lambda i=i: models.__setitem__(i, store.get("m"))) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_in_threads(lambda i: models.__setitem__(i, store.get("m")), range(4))
     assert len(built) == 1 and all(model is models[0] for model in models)
     assert store.get("m") is models[0] and len(built) == 1
 
@@ -250,11 +246,7 @@ def test_concurrent_requests_each_get_their_own_vocabulary(app, store, image_pat
     def request(vocabulary):
         results[vocabulary] = app.run_request(store, "detector", upload(image_path), vocabulary, 0.5)
 
-    threads = [threading.Thread(target=request, args=(v,)) for v in VOCABULARIES]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_in_threads(request, VOCABULARIES)
     for vocabulary in VOCABULARIES:
         status, _, _, heatmaps, _, table = results[vocabulary]
         assert 'class="status-info"' in status

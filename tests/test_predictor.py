@@ -13,7 +13,7 @@ from detectron2.engine import default_argument_parser
 from denseclip.modeling import parse_vocabulary
 from denseclip.engine import DenseCLIPPredictor
 
-from helpers import REPO, TINY_SHAPES_CONFIGS, load_script, tiny_detector_cfg
+from helpers import REPO, TINY_SHAPES_CONFIGS, load_script, run_in_threads, tiny_detector_cfg
 
 # (as given, the names): a list is taken as it is, a string is split at commas; spaces around names go.
 VOCABULARIES = [
@@ -138,11 +138,7 @@ def test_concurrent_calls_each_get_their_own_vocabulary(cfg):
         for _ in range(3):
             results.setdefault(vocabulary, []).append(predictor(image, vocabulary=vocabulary))
 
-    threads = [threading.Thread(target=call, args=(v,)) for v in vocabularies]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_in_threads(call, vocabularies)
     for vocabulary in vocabularies:
         for output in results[vocabulary]:
             assert output["score_map_names"] == [n.strip() for n in vocabulary.split(",")]

@@ -11,7 +11,7 @@ from detectron2.utils.visualizer import _OFF_WHITE, ColorMode, Visualizer
 
 __all__ = [
     "colour_bar", "draw_instances", "draw_sem_seg", "enlarge", "grid_columns", "heatmap", "render_prediction",
-    "score_map_panel",
+    "score_map_panel", "score_map_probabilities",
 ]
 
 
@@ -195,9 +195,7 @@ def render_prediction(
     BGR pictures of one prediction (a model's output for the image): the detections (or, for a
     semantic segmentor's "sem_seg" logits, the label map) drawn on the image, and, given
     ``score_map_names`` (the names of the output's "score_maps"), the panel of the score maps'
-    probabilities (else None): per-class sigmoids for detectors, whose auxiliary loss scores each
-    class on its own; a softmax over the classes for semantic segmentors, whose auxiliary loss is a
-    cross-entropy over them.
+    probabilities (else None, see :func:`score_map_probabilities`).
     """
     image_rgb = image_bgr[:, :, ::-1]
     semantic = "sem_seg" in predictions
@@ -208,9 +206,17 @@ def render_prediction(
         overlay = draw_instances(image_rgb, predictions["instances"], metadata, score_threshold)[:, :, ::-1]
     if score_map_names is None:
         return overlay, None
-    score_maps = predictions["score_maps"].float().cpu()
-    if semantic:
-        probabilities, name = score_maps.softmax(dim=0), "softmax(score)"
-    else:
-        probabilities, name = score_maps.sigmoid(), "sigmoid(score)"
+    probabilities, name = score_map_probabilities(predictions)
     return overlay, score_map_panel(image_rgb, probabilities, score_map_names, probability_name=name)[:, :, ::-1]
+
+
+def score_map_probabilities(predictions: dict) -> Tuple[torch.Tensor, str]:
+    """
+    The K x H x W probabilities of a prediction's "score_maps" (float32, CPU) and how they were made:
+    per-name sigmoids for detectors, whose auxiliary loss scores each class on its own; a softmax over
+    the names for semantic segmentors (a "sem_seg" output), whose auxiliary loss is a cross-entropy.
+    """
+    score_maps = predictions["score_maps"].float().cpu()
+    if "sem_seg" in predictions:
+        return score_maps.softmax(dim=0), "softmax(score)"
+    return score_maps.sigmoid(), "sigmoid(score)"
